@@ -1,0 +1,75 @@
+"""The interface every meta-learner implements.
+
+Training calls :meth:`MetaLearner.train_step` (by default: :meth:`meta_loss`, a finiteness check,
+backward and an optimiser step). Evaluation calls :meth:`adapt` on a task's support set and
+:meth:`predict` on its query inputs. Both go through the same per-task fitting code, so the inner
+loop used at test time is the one that was meta-trained.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import NonFiniteLossError
+from ..tasks.episode import Episode
+
+
+class MetaLearner(nn.Module):
+    """Base class of all meta-learners.
+
+    Subclasses set ``name`` (the registry name), ``options`` (hyper-parameters the CLI exposes,
+    name -> default), ``adapt_requires_grad`` (whether :meth:`adapt` differentiates, e.g. MAML),
+    and implement :meth:`from_config`, :meth:`meta_loss`, :meth:`adapt` and :meth:`predict`.
+    """
+
+    name: ClassVar[str] = ""
+    options: ClassVar[dict[str, Any]] = {}
+    adapt_requires_grad: ClassVar[bool] = False
+    task_kind: ClassVar[str] = "classification"
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], in_shape: tuple[int, ...]) -> "MetaLearner":
+        """Build from a resolved configuration (a plain dict; never a file)."""
+        raise NotImplementedError
+
+    def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, float]]:
+        """Meta-training loss over a batch of episodes (leading task dim) and logged metrics."""
+        raise NotImplementedError
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> Any:
+        """Fit one task on its support set; returns whatever :meth:`predict` needs."""
+        raise NotImplementedError
+
+    def predict(self, adapted: Any, x: Tensor) -> Tensor:
+        """Outputs (logits, or regression values) of the adapted learner on inputs ``x``."""
+        raise NotImplementedError
+
+    def train_step(self, batch: Episode, optimizer: torch.optim.Optimizer, step: int = 0) -> dict[str, float]:
+        """One meta-iteration. Raises :class:`NonFiniteLossError` before touching the weights
+        if the loss is NaN or infinite."""
+        optimizer.zero_grad(set_to_none=True)
+        loss, metrics = self.meta_loss(batch)
+        check_finite(loss, f"meta-training step {step}")
+        loss.backward()
+        optimizer.step()
+        return metrics
+
+    def parameter_groups(self) -> list[dict[str, Any]] | None:
+        """Optional optimiser parameter groups (e.g. a separate rate for learned step sizes)."""
+        return None
+
+
+def check_finite(loss: Tensor, where: str) -> None:
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"the loss became {value} at {where}; lower the learning rate (the last good checkpoint is kept)"
+        )
+
+
+def accuracy(logits: Tensor, labels: Tensor) -> float:
+    return float((logits.argmax(dim=-1) == labels).float().mean())

@@ -1,0 +1,91 @@
+"""Prototypical Networks (Snell, Swersky & Zemel, NeurIPS 2017).
+
+Each class is represented by the mean of its support embeddings (its prototype); a query is
+classified by a softmax over negative squared Euclidean distances to the prototypes. The
+meta-knowledge is the embedding network; adapting to a task is a single forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..models.conv4 import build_backbone
+from ..registry import METHODS
+from ..tasks.episode import Episode
+from .base import MetaLearner, accuracy
+
+
+def prototypes(embeddings: Tensor, labels: Tensor, ways: int) -> Tensor:
+    """Class means ``[ways, D]`` of ``embeddings [N, D]`` with labels in ``0..ways-1``."""
+    sums = torch.zeros(ways, embeddings.shape[-1], dtype=embeddings.dtype, device=embeddings.device)
+    sums.index_add_(0, labels, embeddings)
+    counts = torch.bincount(labels, minlength=ways).to(embeddings.dtype)
+    return sums / counts[:, None]
+
+
+def squared_euclidean(x: Tensor, protos: Tensor) -> Tensor:
+    """``[N, D] x [K, D] -> [N, K]`` squared Euclidean distances, by the expanded form
+    ``|x|^2 - 2 x.p + |p|^2`` (one matrix product instead of an ``N x K x D`` tensor)."""
+    d = (x * x).sum(-1, keepdim=True) - 2.0 * x @ protos.T + (protos * protos).sum(-1)[None, :]
+    return d.clamp_min_(0.0)
+
+
+def cosine_distance(x: Tensor, protos: Tensor) -> Tensor:
+    return 1.0 - F.normalize(x, dim=-1) @ F.normalize(protos, dim=-1).T
+
+
+DISTANCES = {"euclidean": squared_euclidean, "cosine": cosine_distance}
+
+
+@METHODS.register("protonet")
+class ProtoNet(MetaLearner):
+    """Prototypical Networks (Snell et al., 2017): logits are ``-d(f(x), c_k)`` with
+    prototypes ``c_k`` the mean support embedding of class ``k`` and ``d`` the squared
+    Euclidean distance (or cosine, as an option).
+
+    Support and query images of an episode go through the backbone in one batched forward
+    pass, so BatchNorm sees the whole episode (as in the reference implementation).
+    """
+
+    name = "protonet"
+    options = {"backbone": "conv4", "distance": "euclidean"}
+
+    def __init__(self, backbone: nn.Module, distance: str = "euclidean") -> None:
+        super().__init__()
+        if distance not in DISTANCES:
+            raise ConfigError(f"unknown distance '{distance}'; known: {', '.join(DISTANCES)}")
+        self.backbone = backbone
+        self.distance = distance
+        self._dist = DISTANCES[distance]
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], in_shape: tuple[int, ...]) -> "ProtoNet":
+        return cls(build_backbone(cfg.get("backbone", "conv4"), in_shape), cfg.get("distance", "euclidean"))
+
+    def logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
+        n_support = support_x.shape[0]
+        z = self.backbone(torch.cat([support_x, query_x], 0))
+        ways = int(support_y.max()) + 1
+        protos = prototypes(z[:n_support], support_y, ways)
+        return -self._dist(z[n_support:], protos)
+
+    def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, float]]:
+        losses, accs = [], []
+        for ep in batch.tasks():
+            logits = self.logits(ep.support_x, ep.support_y, ep.query_x)
+            losses.append(F.cross_entropy(logits, ep.query_y))
+            accs.append(accuracy(logits.detach(), ep.query_y))
+        loss = torch.stack(losses).mean()
+        return loss, {"loss": float(loss.detach()), "acc": sum(accs) / len(accs)}
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> Tensor:
+        ways = int(support_y.max()) + 1
+        return prototypes(self.backbone(support_x), support_y, ways)
+
+    def predict(self, adapted: Tensor, x: Tensor) -> Tensor:
+        return -self._dist(self.backbone(x), adapted)

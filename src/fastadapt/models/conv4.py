@@ -1,0 +1,52 @@
+"""The four-block convolutional backbone of the few-shot literature.
+
+Each block is 3x3 convolution (64 filters), BatchNorm, ReLU and 2x2 max-pooling (Vinyals et al.
+2016; Snell et al. 2017; Finn et al. 2017). On 28x28 Omniglot it maps an image to a 64-d vector.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..registry import BACKBONES
+
+
+def conv_block(in_channels: int, out_channels: int, pool: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, out_channels, 3, padding=1),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    ]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+@BACKBONES.register("conv4")
+class Conv4(nn.Module):
+    """Conv-4 embedding network: ``[B, C, H, W] -> [B, out_features]``."""
+
+    def __init__(self, in_channels: int = 1, hidden: int = 64, out_channels: int = 64, image_size: int = 28) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(
+            conv_block(in_channels, hidden),
+            conv_block(hidden, hidden),
+            conv_block(hidden, hidden),
+            conv_block(hidden, out_channels),
+        )
+        side = image_size
+        for _ in range(4):
+            side //= 2
+        if side < 1:
+            raise ValueError(f"Conv4 needs images of at least 16x16, got {image_size}x{image_size}")
+        self.out_features = out_channels * side * side
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.encoder(x).flatten(1)
+
+
+def build_backbone(name: str, in_shape: tuple[int, ...], **kwargs) -> nn.Module:
+    """A registered backbone for inputs of shape ``in_shape = (C, H, W)``."""
+    cls = BACKBONES.get(name)
+    return cls(in_channels=in_shape[0], image_size=in_shape[-1], **kwargs)

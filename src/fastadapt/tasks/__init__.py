@@ -1,0 +1,6 @@
+"""Tasks: episodes and the sources that draw them."""
+
+from .episode import Episode
+from .sampler import ClassPool, EpisodeSampler
+
+__all__ = ["Episode", "ClassPool", "EpisodeSampler"]

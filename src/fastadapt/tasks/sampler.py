@@ -1,0 +1,131 @@
+"""k-way n-shot episodes from an in-memory pool of labelled images.
+
+The pool keeps every image as ``uint8`` in one contiguous tensor, grouped by class; an episode
+is drawn with a handful of vectorised tensor ops (no per-image Python), so sampling stays far
+from being the bottleneck of training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError, DataError
+from .episode import Episode
+
+
+@dataclass
+class ClassPool:
+    """Images of one split, grouped by class.
+
+    ``images`` is ``uint8 [N, C, H, W]`` sorted by class; class ``c`` owns rows
+    ``offsets[c] : offsets[c] + counts[c]``. ``class_names`` names each class (for messages).
+    """
+
+    images: Tensor
+    offsets: Tensor
+    counts: Tensor
+    class_names: list[str]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise DataError(f"a class pool needs uint8 images [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
+        if len(self.class_names) != len(self.counts):
+            raise DataError("a class pool needs one name per class")
+
+    @classmethod
+    def from_labels(cls, images: Tensor, labels: Tensor, class_names: Sequence[str] | None = None) -> "ClassPool":
+        """Build a pool from unsorted images and integer labels ``0..C-1``."""
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        order = torch.argsort(labels, stable=True)
+        counts = torch.bincount(labels)
+        offsets = torch.cumsum(counts, 0) - counts
+        names = list(class_names) if class_names is not None else [str(i) for i in range(len(counts))]
+        return cls(images[order].contiguous(), offsets, counts, names)
+
+    @classmethod
+    def from_grouped(cls, images: Tensor, class_names: Sequence[str] | None = None) -> "ClassPool":
+        """Build a pool from ``uint8 [classes, per_class, C, H, W]``."""
+        c, n = images.shape[:2]
+        counts = torch.full((c,), n, dtype=torch.long)
+        names = list(class_names) if class_names is not None else [str(i) for i in range(c)]
+        return cls(images.reshape(c * n, *images.shape[2:]).contiguous(), torch.arange(c) * n, counts, names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.counts)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+
+class EpisodeSampler:
+    """Draws k-way n-shot episodes (``ways`` classes, ``shots`` support and ``queries`` query
+    images per class) from a :class:`ClassPool`.
+
+    Support and query images of a class are distinct. Labels are remapped to ``0..ways-1``
+    in the order the classes were drawn; images are returned class-major as ``float32`` in
+    ``[0, 1]``. The stream of episodes is a pure function of the ``torch.Generator`` passed to
+    :meth:`sample`, so a run is reproducible and a resumed run continues the same stream.
+    """
+
+    kind = "classification"
+
+    def __init__(self, pool: ClassPool, ways: int, shots: int, queries: int, split: str = "split") -> None:
+        self.pool = pool
+        self.ways, self.shots, self.queries = int(ways), int(shots), int(queries)
+        self.split = split
+        self._check_sizes()
+        max_count = int(pool.counts.max())
+        # Positions past a class's size get a key that always sorts last.
+        self._invalid = torch.arange(max_count)[None, :] >= pool.counts[:, None]
+        self._support_y = torch.arange(self.ways).repeat_interleave(self.shots)
+        self._query_y = torch.arange(self.ways).repeat_interleave(self.queries)
+
+    def _check_sizes(self) -> None:
+        for name, value, low in (("ways", self.ways, 2), ("shots", self.shots, 1), ("queries", self.queries, 1)):
+            if value < low:
+                raise ConfigError(f"--{name} must be at least {low}, got {value}")
+        if self.ways > self.pool.num_classes:
+            raise ConfigError(
+                f"--ways {self.ways} is more than the {self.pool.num_classes} classes of the {self.split} split; "
+                f"use --ways {self.pool.num_classes} or fewer"
+            )
+        need = self.shots + self.queries
+        smallest = int(self.pool.counts.min())
+        if need > smallest:
+            name = self.pool.class_names[int(self.pool.counts.argmin())]
+            raise ConfigError(
+                f"--shots {self.shots} + --queries {self.queries} = {need} images per class, but class '{name}' "
+                f"of the {self.split} split has only {smallest}; lower --shots or --queries"
+            )
+
+    @property
+    def in_shape(self) -> tuple[int, int, int]:
+        return self.pool.image_shape
+
+    def sample_indices(self, generator: torch.Generator) -> Tensor:
+        """Row indices into ``pool.images``, shape ``[ways, shots + queries]``."""
+        pool = self.pool
+        classes = torch.randperm(pool.num_classes, generator=generator)[: self.ways]
+        keys = torch.rand(self.ways, self._invalid.shape[1], generator=generator)
+        keys.masked_fill_(self._invalid[classes], 2.0)
+        picks = keys.topk(self.shots + self.queries, dim=1, largest=False, sorted=True).indices
+        return pool.offsets[classes][:, None] + picks
+
+    def sample(self, generator: torch.Generator) -> Episode:
+        idx = self.sample_indices(generator)
+        x = self.pool.images[idx.reshape(-1)].reshape(*idx.shape, *self.pool.image_shape)
+        x = x.float().div_(255.0)
+        s = self.shots
+        support = x[:, :s].reshape(-1, *self.pool.image_shape)
+        query = x[:, s:].reshape(-1, *self.pool.image_shape)
+        return Episode(support, self._support_y.clone(), query, self._query_y.clone())
+
+    def sample_batch(self, generator: torch.Generator, num_tasks: int) -> Episode:
+        """``num_tasks`` episodes stacked with a leading task dimension."""
+        return Episode.stack([self.sample(generator) for _ in range(num_tasks)])
