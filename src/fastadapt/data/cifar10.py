@@ -1,0 +1,187 @@
+"""CIFAR-10 (Krizhevsky 2009) as uint8 tensors, read from a local copy or the official download.
+
+Two on-disk forms are understood:
+
+* ``cifar10-jpg-{train,test}.tar.gz`` holding ``{train,test}/<class>/<n>.jpg`` (JPEG re-encodings
+  of the official images, e.g. a shared read-only data folder). The archive is read in place,
+  never extracted.
+* the official ``cifar-10-python.tar.gz`` (downloaded into the user cache when no folder is
+  given; md5-checked, written atomically). Its pickled batches are read straight from the archive
+  with an unpickler that only admits numpy arrays, so nothing is extracted and no code is run.
+
+Either way the decoded split is cached as ``[N, 3, 32, 32]`` uint8 images and int64 labels in
+``cache_dir()/cifar10``, keyed by the archive's checksum, so later runs load in well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..engine.checkpoint import load_checkpoint, save_checkpoint
+from ..errors import ConfigError, DataError
+from .cache import cache_dir, default_data_dir
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+
+OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
+OFFICIAL_NAME = "cifar-10-python.tar.gz"
+JPG_NAME = "cifar10-jpg-{split}.tar.gz"
+SPLITS = ("train", "test")
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ConfigError(f"CIFAR-10 split must be one of {', '.join(SPLITS)}, got '{split}'")
+
+
+def _digest(path: Path, algo: str) -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _decode_jpg_tar(path: Path, split: str) -> tuple[Tensor, Tensor]:
+    from PIL import Image
+
+    records: list[tuple[int, str, np.ndarray]] = []
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar:
+                if not member.isfile() or not member.name.lower().endswith(".jpg"):
+                    continue
+                parts = Path(member.name).parts
+                if len(parts) < 3 or parts[-3] != split or parts[-2] not in CLASSES:
+                    continue
+                data = tar.extractfile(member).read()
+                with Image.open(io.BytesIO(data)) as im:
+                    arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                if arr.shape != (32, 32, 3):
+                    raise DataError(f"{path}: {member.name} is {arr.shape}, not a 32x32 RGB image")
+                records.append((CLASSES.index(parts[-2]), parts[-1], arr))
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DataError(f"{path} cannot be read as a CIFAR-10 JPEG archive ({exc}); replace the file") from exc
+    if not records:
+        raise DataError(f"{path} holds no '{split}/<class>/<n>.jpg' images; is it the right archive?")
+    records.sort(key=lambda r: (r[0], r[1]))  # a fixed order, independent of the archive's
+    images = torch.from_numpy(np.stack([r[2] for r in records])).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor([r[0] for r in records], dtype=torch.int64)
+    return images, labels
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """The official batches are pickled dicts of numpy arrays and lists; admit nothing else."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+
+
+def _decode_official_tar(path: Path, split: str) -> tuple[Tensor, Tensor]:
+    wanted = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    found: dict[str, dict] = {}
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar:
+                base = Path(member.name).name
+                if member.isfile() and base in wanted:
+                    found[base] = _NumpyOnlyUnpickler(tar.extractfile(member), encoding="bytes").load()
+    except (tarfile.TarError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        raise DataError(f"{path} cannot be read as the official CIFAR-10 archive ({exc}); delete it") from exc
+    missing = [w for w in wanted if w not in found]
+    if missing:
+        raise DataError(f"{path} lacks {', '.join(missing)}; is it cifar-10-python.tar.gz?")
+    data = np.concatenate([np.asarray(found[w][b"data"], dtype=np.uint8) for w in wanted])
+    labels = np.concatenate([np.asarray(found[w][b"labels"], dtype=np.int64) for w in wanted])
+    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+    return images, torch.from_numpy(labels)
+
+
+def download_official(folder: Path, progress: bool = True) -> Path:
+    """Download ``cifar-10-python.tar.gz`` into ``folder`` (atomic rename after the md5 matches)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / OFFICIAL_NAME
+    if target.is_file() and _digest(target, "md5") == OFFICIAL_MD5:
+        return target
+    fd, tmp = tempfile.mkstemp(prefix=OFFICIAL_NAME + ".", suffix=".part", dir=folder)
+    try:
+        from tqdm.auto import tqdm
+
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(OFFICIAL_URL, timeout=60) as resp:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc="CIFAR-10", disable=not progress) as bar:
+                for chunk in iter(lambda: resp.read(1 << 20), b""):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        if _digest(Path(tmp), "md5") != OFFICIAL_MD5:
+            raise DataError(f"downloaded {OFFICIAL_URL} has the wrong md5; try again later")
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise DataError(f"cannot download CIFAR-10 from {OFFICIAL_URL} ({exc}); pass --data-dir with a local copy") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _locate(data_dir: str | os.PathLike | None, split: str, download: bool) -> tuple[Path, str]:
+    folder = Path(data_dir) if data_dir is not None else default_data_dir("cifar10")
+    jpg = folder / JPG_NAME.format(split=split)
+    if jpg.is_file():
+        return jpg, "jpg"
+    official = folder / OFFICIAL_NAME
+    if official.is_file():
+        return official, "official"
+    if data_dir is not None and not folder.is_dir():
+        raise DataError(f"CIFAR-10 folder {folder} does not exist; pass --data-dir with the dataset")
+    if data_dir is None and download:
+        return download_official(folder), "official"
+    raise DataError(f"no CIFAR-10 in {folder}: expected {jpg.name} or {OFFICIAL_NAME}")
+
+
+def load_cifar10(
+    split: str, data_dir: str | os.PathLike | None = None, download: bool = True
+) -> tuple[Tensor, Tensor]:
+    """``(images [N, 3, 32, 32] uint8, labels [N] int64)`` of CIFAR-10 ``split`` ("train"/"test")."""
+    _check_split(split)
+    archive, kind = _locate(data_dir, split, download)
+    key = _digest(archive, "sha256")[:16]
+    cached = cache_dir() / "cifar10" / f"{kind}-{split}-{key}.pt"
+    if cached.is_file():
+        try:
+            blob = load_checkpoint(cached)
+            return blob["images"], blob["labels"]
+        except (DataError, KeyError):
+            pass  # a damaged cache is rebuilt from the archive below
+    decode = _decode_jpg_tar if kind == "jpg" else _decode_official_tar
+    images, labels = decode(archive, split)
+    expected = 50000 if split == "train" else 10000
+    if kind == "official" and len(labels) != expected:
+        raise DataError(f"{archive}: {len(labels)} {split} images, expected {expected}")
+    save_checkpoint({"images": images, "labels": labels}, cached)
+    return images, labels
