@@ -1,0 +1,102 @@
+"""Test-Time Training with rotation prediction.
+
+Sun, Wang, Liu, Miller, Efros and Hardt, "Test-Time Training with Self-Supervision for
+Generalization under Distribution Shifts", ICML 2020. The source model is Y-shaped: a shared
+trunk (stem + first two residual groups) feeds the classification head and a head that predicts
+which of four rotations (0, 90, 180, 270 degrees) was applied to the image. At test time, for each
+test image, a batch of augmented copies (random crop + flip) is rotated at random and the *trunk*
+takes SGD steps on the rotation loss; then the adapted model classifies the original image.
+
+* standard (``online=False``): the trunk is reset to the source weights before every image;
+  the paper takes 10 steps per image.
+* online (``online=True``): the weights carry over from one test image to the next (the test
+  stream is assumed to come from one shifted distribution); one step per image.
+
+Optimiser as in the paper: SGD with the last training learning rate (1e-3), momentum 0.9, weight
+decay 5e-4, 32 copies per step. Normalisation layers are kept in eval mode during the steps:
+GroupNorm is unaffected, and BatchNorm keeps its source statistics instead of estimating them
+from 32 copies of a single image (Sun et al. discuss why that is unreliable).
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from .augment import random_crop_flip, random_rotation_labels, rotate_batch
+
+
+def _check_rotation_model(model: nn.Module) -> None:
+    if getattr(model, "rot_head", None) is None or not hasattr(model, "trunk"):
+        raise ConfigError("TTT needs a model trained with a rotation head (fastadapt tta train-source --rotation-head)")
+
+
+def rotation_loss(model: nn.Module, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Cross-entropy of the rotation head on ``x`` rotated by random multiples of 90 degrees."""
+    labels = random_rotation_labels(len(x), generator, x.device)
+    return F.cross_entropy(model.forward_rotation(rotate_batch(x, labels)), labels)
+
+
+class TTT(nn.Module):
+    """Test-Time Training (Sun et al., ICML 2020) around a :class:`ResNetCifar` with a rotation head.
+
+    ``ttt(x [B, 3, 32, 32] in [0, 1]) -> logits [B, classes]`` adapts on each image in turn (the
+    order of ``x`` is the stream order). :meth:`reset` restores the source trunk and optimizer.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        online: bool = False,
+        steps: int | None = None,
+        copies: int = 32,
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_rotation_model(model)
+        steps = (1 if online else 10) if steps is None else steps
+        if steps < 1 or copies < 1:
+            raise ConfigError(f"TTT needs steps >= 1 and copies >= 1, got steps={steps}, copies={copies}")
+        self.model = model.eval()
+        self.online = online
+        self.steps = steps
+        self.copies = copies
+        model.requires_grad_(False)
+        model.trunk.requires_grad_(True)
+        self.optimizer = torch.optim.SGD(model.trunk.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.trunk_state = deepcopy(model.trunk.state_dict())
+        self.optimizer_state = deepcopy(self.optimizer.state_dict())
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def reset(self) -> None:
+        self.model.trunk.load_state_dict(self.trunk_state)
+        self.optimizer.load_state_dict(self.optimizer_state)
+
+    @torch.enable_grad()
+    def adapt(self, image: Tensor) -> float:
+        """Steps on the rotation loss of augmented copies of one ``image [3, H, W]``; returns the last loss."""
+        batch = image.unsqueeze(0).expand(self.copies, *image.shape)
+        for _ in range(self.steps):
+            copies = random_crop_flip(batch, self.generator)
+            loss = rotation_loss(self.model, copies, self.generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        return float(loss.detach())
+
+    def forward(self, x: Tensor) -> Tensor:
+        outputs = []
+        for image in x:
+            if not self.online:
+                self.reset()
+            self.adapt(image)
+            with torch.no_grad():
+                outputs.append(self.model(image.unsqueeze(0)))
+        return torch.cat(outputs)
