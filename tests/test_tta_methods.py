@@ -43,7 +43,7 @@ def test_tent_changes_only_batchnorm_affine_parameters():
     model = _pretend_trained(small_bn_net())
     before = {k: v.clone() for k, v in model.named_parameters()}
     tent = setup_tent(model, lr=1e-2)
-    tent(shifted_batch())
+    tent(shifted_batch(16))
     bn_names = set(collect_params(model)[1])
     assert len(bn_names) == 6  # weight + bias of three BatchNorm layers
     for name, p in model.named_parameters():
@@ -186,7 +186,7 @@ def test_ttt_trains_only_the_trunk_and_lowers_rotation_loss():
     model = _ttt_model()
     heads = {k: v.clone() for k, v in model.named_parameters() if not k.startswith("trunk.")}
     trunk = {k: v.clone() for k, v in model.named_parameters() if k.startswith("trunk.")}
-    image = torch.rand(3, 32, 32)
+    image = torch.rand(3, 16, 16)
 
     def full_rotation_loss():
         x = image.unsqueeze(0).repeat(4, 1, 1, 1)
@@ -205,7 +205,7 @@ def test_ttt_trains_only_the_trunk_and_lowers_rotation_loss():
 
 
 def test_ttt_standard_resets_per_image_online_keeps_weights():
-    a, b, c = torch.rand(3, 3, 32, 32).unbind(0)
+    a, b, c = torch.rand(3, 3, 16, 16).unbind(0)
     std1 = TTT(_ttt_model(), online=False, steps=2, copies=4, seed=5)(torch.stack([a, b]))
     std2 = TTT(_ttt_model(), online=False, steps=2, copies=4, seed=5)(torch.stack([c, b]))
     torch.testing.assert_close(std1[1], std2[1], rtol=0, atol=0)  # b's prediction ignores what came before
@@ -232,7 +232,7 @@ def test_ttt_needs_a_rotation_head():
 def test_every_method_runs_a_stream_and_leaves_the_source_model_alone(method):
     model = ResNetCifar(depth=8, rotation_head=True).eval()
     state = deepcopy(model.state_dict())
-    images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
+    images = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8)
     labels = torch.randint(0, 10, (10,))
     adapter = build_adapter(method, model, {"steps": 1, "copies": 4})
     r = run_stream(adapter, images, labels, batch_size=4, progress=False)

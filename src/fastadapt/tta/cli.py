@@ -1,0 +1,184 @@
+"""The ``fastadapt tta`` commands: ``train-source`` and ``eval``.
+
+:func:`add_tta_parser` adds the ``tta`` sub-command to the main parser's sub-parsers and sets
+``handler`` to :func:`run_tta`; ``python -m fastadapt.tta.cli`` runs the same commands alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..engine.checkpoint import atomic_write_text
+from ..errors import ConfigError, FastAdaptError
+from .corruptions import CORRUPTIONS
+from .evaluate import TTA_METHODS
+
+CLEAN = "clean"
+
+
+def _severity(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"severity must be an integer from 1 to 5, got '{text}'") from None
+    if not 1 <= value <= 5:
+        raise argparse.ArgumentTypeError(f"severity must be from 1 to 5, got {value}")
+    return value
+
+
+def add_tta_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``tta train-source`` and ``tta eval`` on ``subparsers`` (from ``add_subparsers``)."""
+    tta = subparsers.add_parser("tta", help="test-time adaptation: train a source model, evaluate BN/TENT/TTT",
+                                description="Test-time adaptation on CIFAR-10-C-style corruptions.")
+    sub = tta.add_subparsers(dest="tta_command", metavar="{train-source,eval}")
+    sub.required = True
+
+    tr = sub.add_parser("train-source", help="train the source CIFAR-10 ResNet (optionally with a rotation head)")
+    tr.add_argument("--dataset", default="cifar10", help="only cifar10 (default)")
+    tr.add_argument("--data-dir", default=None,
+                    help="folder with cifar10-jpg-{train,test}.tar.gz or cifar-10-python.tar.gz "
+                         "(default: download the official archive into the user cache)")
+    tr.add_argument("--arch", default="resnet8", choices=["resnet8", "resnet26"],
+                    help="resnet26 as in the TTT/TENT papers; resnet8 trains on a few CPU cores (default)")
+    tr.add_argument("--width", type=int, default=1, help="channel multiplier (16w, 32w, 64w)")
+    tr.add_argument("--norm", default="bn", choices=["bn", "gn"], help="BatchNorm (TENT, BN) or GroupNorm (TTT only)")
+    tr.add_argument("--rotation-head", action="store_true", help="train jointly with 4-way rotation prediction (TTT)")
+    tr.add_argument("--epochs", type=int, default=10)
+    tr.add_argument("--batch-size", type=int, default=128)
+    tr.add_argument("--lr", type=float, default=0.1, help="SGD learning rate, cosine-decayed")
+    tr.add_argument("--weight-decay", type=float, default=5e-4)
+    tr.add_argument("--train-subset", type=int, default=0, help="train on a seeded subset of this size (0: all)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default="cpu")
+    tr.add_argument("--out", required=True, help="run folder (resumed if it holds a checkpoint)")
+    tr.add_argument("--no-progress", action="store_true")
+
+    ev = sub.add_parser("eval", help="error (%% ± 95%% CI) and cost of a method on corrupted CIFAR-10")
+    ev.add_argument("run_dir", help="folder written by 'fastadapt tta train-source'")
+    ev.add_argument("--method", required=True, choices=list(TTA_METHODS))
+    ev.add_argument("--corruption", default="all", help=f"one of {', '.join(CORRUPTIONS)}, 'all' or '{CLEAN}'")
+    ev.add_argument("--severity", type=_severity, default=5)
+    ev.add_argument("--data-dir", default=None, help="CIFAR-10 folder (default: the one used for training)")
+    ev.add_argument("--batch-size", type=int, default=128, help="test batch size (TENT paper: 128)")
+    ev.add_argument("--max-images", type=int, default=0,
+                    help="evaluate a seeded random subset of the test set of this size (0: all 10,000)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the corruption and of the stream order")
+    ev.add_argument("--lr", type=float, default=None, help="TENT: Adam lr (1e-3); TTT: SGD lr (1e-3)")
+    ev.add_argument("--steps", type=int, default=None, help="TENT: steps per batch (1); TTT: per image (10; online 1)")
+    ev.add_argument("--episodic", action="store_true", help="TENT: reset to the source model after every batch")
+    ev.add_argument("--copies", type=int, default=32, help="TTT: augmented copies per step")
+    ev.add_argument("--frost-dir", default=None, help="folder with the frost photographs (frost1.png ...)")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ev.add_argument("--no-progress", action="store_true")
+    tta.set_defaults(handler=run_tta)
+    return tta
+
+
+def run_tta(args: argparse.Namespace) -> int:
+    if args.tta_command == "train-source":
+        return _train_source(args)
+    return _eval(args)
+
+
+def _train_source(args: argparse.Namespace) -> int:
+    from ..data.cifar10 import load_cifar10
+    from .train_source import train_source
+
+    if args.dataset != "cifar10":
+        raise ConfigError(f"tta train-source supports --dataset cifar10 only, got '{args.dataset}'")
+    xtr, ytr = load_cifar10("train", args.data_dir)
+    xte, yte = load_cifar10("test", args.data_dir)
+    cfg = dict(dataset=args.dataset, arch=args.arch, width=args.width, norm=args.norm,
+               rotation_head=args.rotation_head, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+               weight_decay=args.weight_decay, seed=args.seed, train_subset=args.train_subset,
+               data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None)
+    summary = train_source(cfg, args.out, xtr, ytr, xte, yte, device=args.device, progress=not args.no_progress)
+    print(f"trained {args.arch} for {summary['epochs']} epochs in {summary['train_seconds']:.0f} s; "
+          f"clean test error {summary['clean_test_error']:.2f} %; saved to {args.out}")
+    return 0
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    method: str,
+    corruptions: list[str],
+    severity: int,
+    data_dir: str | None = None,
+    batch_size: int = 128,
+    max_images: int = 0,
+    seed: int = 0,
+    options: dict[str, Any] | None = None,
+    frost_dir: str | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    on_result=None,
+) -> list[dict[str, Any]]:
+    """Evaluate ``method`` on each corruption in turn, each from the source model afresh."""
+    from ..data.cifar10 import load_cifar10
+    from .corruptions import corrupt_dataset
+    from .evaluate import build_adapter, run_stream, stream_order
+    from .train_source import load_source_model
+
+    model, cfg = load_source_model(run_dir, device)
+    images, labels = load_cifar10("test", data_dir if data_dir is not None else cfg.get("data_dir"))
+    order = stream_order(len(labels), seed, max_images)
+    results = []
+    for name in corruptions:
+        shifted = images if name == CLEAN else corrupt_dataset(images, name, severity, seed, frost_dir, progress=progress)
+        adapter = build_adapter(method, model, {**(options or {}), "seed": seed})
+        r = run_stream(adapter, shifted[order], labels[order], batch_size, device, progress, desc=f"{method} {name}")
+        r.update(method=method, corruption=name, severity=severity, arch=cfg["arch"], seed=seed,
+                 subset=f"seeded random {len(order)} of {len(labels)}" if max_images else "all")
+        results.append(r)
+        if on_result is not None:
+            on_result(r)
+    return results
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import format_tta_result
+
+    if args.corruption == "all":
+        names = list(CORRUPTIONS)
+    elif args.corruption in CORRUPTIONS or args.corruption == CLEAN:
+        names = [args.corruption]
+    else:
+        raise ConfigError(f"unknown corruption '{args.corruption}'; choose one of {', '.join(CORRUPTIONS)}, all, {CLEAN}")
+    options = {"lr": args.lr, "steps": args.steps, "episodic": args.episodic, "copies": args.copies}
+    results = evaluate_run(args.run_dir, args.method, names, args.severity, args.data_dir, args.batch_size,
+                           args.max_images, args.seed, options, args.frost_dir, args.device,
+                           not args.no_progress, on_result=lambda r: print(format_tta_result(r), flush=True))
+    summary: dict[str, Any] = {"results": results}
+    if len(results) > 1:
+        mean = sum(r["error"] for r in results) / len(results)
+        summary["mean_error"] = mean
+        print(f"mean error over {len(results)} corruptions at severity {args.severity}: {mean:.2f} %")
+    if args.json:
+        summary.update(command=" ".join(["fastadapt"] + sys.argv[1:]), date=datetime.now(timezone.utc).isoformat(),
+                       platform=platform.platform(), torch=torch.__version__, options=options)
+        atomic_write_text(args.json, json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastadapt")
+    add_tta_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except FastAdaptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

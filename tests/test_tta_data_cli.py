@@ -1,0 +1,179 @@
+"""CIFAR-10 loading (JPEG tar, official archive, download), the ResNets, and the tta CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastadapt.data import cifar10 as C10
+from fastadapt.errors import ConfigError, DataError
+from fastadapt.models.resnet_cifar import ResNetCifar, build_resnet_cifar
+from fastadapt.tta.cli import main as tta_main
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10"
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTADAPT_CACHE", str(tmp_path / "cache"))
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def make_jpg_archive(folder: Path, split: str, per_class: int, seed: int = 0) -> dict:
+    """A miniature ``cifar10-jpg-<split>.tar.gz``: flat-coloured images, colour encodes the index."""
+    rng = np.random.default_rng(seed)
+    colours = {}
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(folder / f"cifar10-jpg-{split}.tar.gz", "w:gz") as tar:
+        for ci in rng.permutation(10):  # archive order is not class order
+            for k in range(per_class):
+                col = rng.integers(20, 235, size=3)
+                arr = np.broadcast_to(col.astype(np.uint8), (32, 32, 3)).copy()
+                buf = io.BytesIO()
+                Image.fromarray(arr).save(buf, "JPEG", quality=95)
+                _add(tar, f"{split}/{C10.CLASSES[ci]}/{k:04d}.jpg", buf.getvalue())
+                colours[(int(ci), k)] = col
+    return colours
+
+
+def test_jpg_archive_is_read_in_class_order_and_cached(tmp_path):
+    colours = make_jpg_archive(tmp_path / "d", "test", 3)
+    x, y = C10.load_cifar10("test", tmp_path / "d")
+    assert x.shape == (30, 3, 32, 32) and x.dtype == torch.uint8 and y.dtype == torch.int64
+    assert y.tolist() == sum([[c] * 3 for c in range(10)], [])
+    for i in range(30):
+        ref = torch.tensor(colours[(int(y[i]), i % 3)], dtype=torch.float32)
+        assert (x[i].float().mean(dim=(1, 2)) - ref).abs().max() < 4  # JPEG is lossy
+    assert len(list((tmp_path / "cache" / "cifar10").glob("jpg-test-*.pt"))) == 1
+    x2, y2 = C10.load_cifar10("test", tmp_path / "d")
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def _official_archive(folder: Path, payload=None) -> Path:
+    rng = np.random.default_rng(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / C10.OFFICIAL_NAME
+    with tarfile.open(path, "w:gz") as tar:
+        for name, n in [(f"data_batch_{i}", 4) for i in range(1, 6)] + [("test_batch", 6)]:
+            batch = payload if payload is not None else {
+                b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+                b"labels": list(rng.integers(0, 10, size=n).tolist())}
+            _add(tar, f"cifar-10-batches-py/{name}", pickle.dumps(batch))
+    return path
+
+
+def test_official_archive_without_extraction(tmp_path):
+    path = _official_archive(tmp_path / "o")
+    with tarfile.open(path) as tar:
+        ref = pickle.load(tar.extractfile("cifar-10-batches-py/test_batch"))
+    x, y = C10._decode_official_tar(path, "test")
+    assert torch.equal(x, torch.from_numpy(ref[b"data"].reshape(-1, 3, 32, 32)))
+    assert y.tolist() == ref[b"labels"]
+    xt, _ = C10._decode_official_tar(path, "train")
+    assert xt.shape == (20, 3, 32, 32)
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [C10.OFFICIAL_NAME]  # nothing extracted
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_official_archive_refuses_code_in_pickles(tmp_path):
+    path = _official_archive(tmp_path / "e", payload={b"data": _Evil(), b"labels": []})
+    with pytest.raises(DataError, match="refusing"):
+        C10._decode_official_tar(path, "test")
+
+
+def test_download_is_checked_and_atomic(tmp_path, monkeypatch):
+    src = _official_archive(tmp_path / "server")
+    monkeypatch.setattr(C10, "OFFICIAL_URL", src.as_uri())
+    monkeypatch.setattr(C10, "OFFICIAL_MD5", "0" * 32)
+    with pytest.raises(DataError, match="md5"):
+        C10.download_official(tmp_path / "dl", progress=False)
+    assert list((tmp_path / "dl").iterdir()) == []  # no partial file left behind
+    monkeypatch.setattr(C10, "OFFICIAL_MD5", hashlib.md5(src.read_bytes()).hexdigest())
+    got = C10.download_official(tmp_path / "dl", progress=False)
+    assert got.read_bytes() == src.read_bytes()
+
+
+def test_missing_or_bad_data_is_a_data_error(tmp_path):
+    with pytest.raises(DataError):
+        C10.load_cifar10("test", tmp_path / "nowhere")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "cifar10-jpg-test.tar.gz").write_bytes(b"not a tar")
+    with pytest.raises(DataError):
+        C10.load_cifar10("test", tmp_path / "bad")
+    with pytest.raises(ConfigError):
+        C10.load_cifar10("val", tmp_path / "bad")
+
+
+@pytest.mark.shared_data
+@pytest.mark.skipif(not (SHARED / "cifar10-jpg-test.tar.gz").is_file(), reason="../shared/data/cifar10 absent")
+def test_real_cifar10_test_split():
+    x, y = C10.load_cifar10("test", SHARED)
+    assert x.shape == (10000, 3, 32, 32) and torch.equal(y.bincount(), torch.full((10,), 1000))
+
+
+# ------------------------------------------------------------------------------------ models
+
+def test_resnets_shapes_and_depths():
+    m = build_resnet_cifar("resnet26", rotation_head=True)
+    assert len(m.trunk[2]) == 4 and len(m.trunk[3]) == 4 and len(m.head[0]) == 4
+    x = torch.rand(2, 3, 32, 32)
+    assert m(x).shape == (2, 10) and m.forward_rotation(x).shape == (2, 4)
+    small = build_resnet_cifar("resnet8", norm="gn")
+    assert small(x).shape == (2, 10)
+    assert not any(isinstance(mod, torch.nn.BatchNorm2d) for mod in small.modules())
+    with pytest.raises(ConfigError):
+        ResNetCifar(depth=10)
+    with pytest.raises(ConfigError, match="rotation head"):
+        small.forward_rotation(x)
+
+
+# --------------------------------------------------------------------------------------- CLI
+
+def test_cli_train_source_then_eval(tmp_path, capsys):
+    make_jpg_archive(tmp_path / "d", "train", 6, seed=1)
+    make_jpg_archive(tmp_path / "d", "test", 2, seed=2)
+    run = tmp_path / "run"
+    rc = tta_main(["tta", "train-source", "--data-dir", str(tmp_path / "d"), "--arch", "resnet8", "--rotation-head",
+                   "--epochs", "1", "--batch-size", "16", "--out", str(run), "--no-progress"])
+    assert rc == 0 and (run / "model.pt").is_file()
+    assert json.loads((run / "config.json").read_text())["rotation_head"] is True
+    out = capsys.readouterr().out
+    assert "clean test error" in out
+    js = tmp_path / "r.json"
+    rc = tta_main(["tta", "eval", str(run), "--method", "tent", "--corruption", "contrast", "--severity", "3",
+                   "--batch-size", "8", "--json", str(js), "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "contrast" in out and "±" in out and "ms/batch" in out
+    res = json.loads(js.read_text())["results"][0]
+    assert res["images"] == 20 and res["method"] == "tent" and res["severity"] == 3
+    rc = tta_main(["tta", "eval", str(run), "--method", "ttt-online", "--corruption", "pixelate", "--max-images", "3",
+                   "--copies", "4", "--no-progress"])
+    assert rc == 0 and "3 images" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    rc = tta_main(["tta", "eval", str(tmp_path / "none"), "--method", "bn", "--corruption", "fog"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error:") and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        tta_main(["tta", "eval", str(tmp_path), "--method", "bn", "--severity", "7"])
