@@ -20,8 +20,6 @@ from fastadapt.errors import ConfigError, DataError
 from fastadapt.models.resnet_cifar import ResNetCifar, build_resnet_cifar
 from fastadapt.tta.cli import main as tta_main
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10"
-
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
@@ -124,9 +122,8 @@ def test_missing_or_bad_data_is_a_data_error(tmp_path):
 
 
 @pytest.mark.shared_data
-@pytest.mark.skipif(not (SHARED / "cifar10-jpg-test.tar.gz").is_file(), reason="../shared/data/cifar10 absent")
-def test_real_cifar10_test_split():
-    x, y = C10.load_cifar10("test", SHARED)
+def test_real_cifar10_test_split(shared_data):
+    x, y = C10.load_cifar10("test", shared_data / "cifar10")
     assert x.shape == (10000, 3, 32, 32) and torch.equal(y.bincount(), torch.full((10,), 1000))
 
 

@@ -13,7 +13,7 @@ from fastadapt.errors import ConfigError, FastAdaptError
 from fastadapt.models.resnet_cifar import ResNetCifar
 from fastadapt.tta import BNAdapt, TTT, Tent, collect_params, configure_model, setup_tent, softmax_entropy
 from fastadapt.tta.augment import random_crop_flip, rotate_batch
-from fastadapt.tta.evaluate import build_adapter, run_stream, stream_order
+from fastadapt.engine.tta_eval import build_adapter, run_stream, stream_order
 
 
 def small_bn_net(seed: int = 0) -> nn.Module:

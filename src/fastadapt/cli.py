@@ -22,6 +22,7 @@ from .engine.trainer import CHECKPOINT, TrainSettings, meta_train
 from .errors import ConfigError, FastAdaptError
 from .io import atomic_write_text, load_checkpoint
 from .registry import BACKBONES, DATASETS, METHODS
+from .tta.cli import add_tta_parser
 
 TRAIN_KEYS = ("dataset", "data_dir", "download", "image_size", "train_split", "ways", "shots", "queries", "steps",
               "meta_batch", "lr", "lr_decay_every", "lr_decay", "weight_decay", "seed", "device",
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="list the registered methods, datasets and backbones")
     ls.set_defaults(handler=cmd_list)
+
+    add_tta_parser(sub)
     return parser
 
 

@@ -15,22 +15,20 @@ Either way the decoded split is cached as ``[N, 3, 32, 32]`` uint8 images and in
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import pickle
 import tarfile
-import tempfile
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..engine.checkpoint import load_checkpoint, save_checkpoint
 from ..errors import ConfigError, DataError
+from ..io import load_checkpoint, save_checkpoint
 from .cache import cache_dir, default_data_dir
+from .download import download, file_digest
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -46,14 +44,6 @@ SPLITS = ("train", "test")
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ConfigError(f"CIFAR-10 split must be one of {', '.join(SPLITS)}, got '{split}'")
-
-
-def _digest(path: Path, algo: str) -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _decode_jpg_tar(path: Path, split: str) -> tuple[Tensor, Tensor]:
@@ -123,30 +113,8 @@ def _decode_official_tar(path: Path, split: str) -> tuple[Tensor, Tensor]:
 
 
 def download_official(folder: Path, progress: bool = True) -> Path:
-    """Download ``cifar-10-python.tar.gz`` into ``folder`` (atomic rename after the md5 matches)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / OFFICIAL_NAME
-    if target.is_file() and _digest(target, "md5") == OFFICIAL_MD5:
-        return target
-    fd, tmp = tempfile.mkstemp(prefix=OFFICIAL_NAME + ".", suffix=".part", dir=folder)
-    try:
-        from tqdm.auto import tqdm
-
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(OFFICIAL_URL, timeout=60) as resp:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc="CIFAR-10", disable=not progress) as bar:
-                for chunk in iter(lambda: resp.read(1 << 20), b""):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-        if _digest(Path(tmp), "md5") != OFFICIAL_MD5:
-            raise DataError(f"downloaded {OFFICIAL_URL} has the wrong md5; try again later")
-        os.replace(tmp, target)
-    except OSError as exc:
-        raise DataError(f"cannot download CIFAR-10 from {OFFICIAL_URL} ({exc}); pass --data-dir with a local copy") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    """Download ``cifar-10-python.tar.gz`` into ``folder`` (md5-checked, atomic)."""
+    return download(OFFICIAL_URL, Path(folder) / OFFICIAL_NAME, md5=OFFICIAL_MD5, progress=progress)
 
 
 def _locate(data_dir: str | os.PathLike | None, split: str, download: bool) -> tuple[Path, str]:
@@ -170,7 +138,7 @@ def load_cifar10(
     """``(images [N, 3, 32, 32] uint8, labels [N] int64)`` of CIFAR-10 ``split`` ("train"/"test")."""
     _check_split(split)
     archive, kind = _locate(data_dir, split, download)
-    key = _digest(archive, "sha256")[:16]
+    key = file_digest(archive, "sha256")[:16]
     cached = cache_dir() / "cifar10" / f"{kind}-{split}-{key}.pt"
     if cached.is_file():
         try:

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from ..engine.checkpoint import atomic_write_text
+from ..io import atomic_write_text
 from ..errors import ConfigError, FastAdaptError
 from .corruptions import CORRUPTIONS
-from .evaluate import TTA_METHODS
+from ..engine.tta_eval import TTA_METHODS
 
 CLEAN = "clean"
 
@@ -125,7 +125,7 @@ def evaluate_run(
     """Evaluate ``method`` on each corruption in turn, each from the source model afresh."""
     from ..data.cifar10 import load_cifar10
     from .corruptions import corrupt_dataset
-    from .evaluate import build_adapter, run_stream, stream_order
+    from ..engine.tta_eval import build_adapter, run_stream, stream_order
     from .train_source import load_source_model
 
     model, cfg = load_source_model(run_dir, device)
@@ -145,7 +145,7 @@ def evaluate_run(
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import format_tta_result
+    from ..engine.tta_eval import format_tta_result
 
     if args.corruption == "all":
         names = list(CORRUPTIONS)

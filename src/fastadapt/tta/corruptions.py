@@ -443,10 +443,9 @@ def corrupt_dataset(
     _check_corruption(name)
     _check_severity(severity)
     _check_images(images)
-    from tqdm.auto import tqdm
-
     from ..data.cache import cache_dir
-    from ..engine.checkpoint import load_checkpoint, save_checkpoint
+    from ..io import load_checkpoint, save_checkpoint
+    from ..progress import progress_bar
 
     path = None
     if cache:
@@ -462,7 +461,7 @@ def corrupt_dataset(
     x = images.permute(0, 2, 3, 1).numpy()
     out = np.empty_like(x)
     chunks = range(0, len(x), CHUNK)
-    for k, i in enumerate(tqdm(chunks, desc=f"{name}-{severity}", disable=not progress, leave=False)):
+    for k, i in enumerate(progress_bar(chunks, enabled=progress, desc=f"{name}-{severity}")):
         rng = np.random.default_rng([int(seed), CORRUPTIONS.index(name), int(severity), k])
         out[i : i + CHUNK] = _corrupt_array(x[i : i + CHUNK], name, severity, rng, frost_dir)
     result = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()

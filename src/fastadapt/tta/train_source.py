@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..engine.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from ..io import atomic_write_text, load_checkpoint, save_checkpoint
+from ..progress import progress_bar
 from ..errors import ConfigError, NonFiniteLossError
 from ..models.resnet_cifar import ResNetCifar, build_resnet_cifar
 from .augment import random_crop_flip, random_rotation_labels, rotate_batch, to_float
@@ -125,8 +126,7 @@ def train_source(
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=gen)
         sums = {"loss": 0.0, "acc": 0.0, "rot_loss": 0.0}
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=not progress,
-                   leave=False, dynamic_ncols=True)
+        bar = progress_bar(range(steps_per_epoch), enabled=progress, desc=f"epoch {epoch + 1}/{cfg['epochs']}")
         for step in bar:
             idx = perm[step * bs : (step + 1) * bs]
             x = random_crop_flip(to_float(train_images[idx]), gen).to(device)

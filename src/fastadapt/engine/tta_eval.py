@@ -1,7 +1,7 @@
 """Evaluation of test-time adaptation on corrupted CIFAR-10: error with a 95% CI, and its cost.
 
 The test stream is the CIFAR-10 test set (optionally a seeded subset) in a fixed seeded random
-order, corrupted once (:func:`~fastadapt.tta.corruptions.corrupt_dataset`), and fed in batches;
+order, corrupted once (:func:`fastadapt.tta.corruptions.corrupt_dataset`), and fed in batches;
 every method starts from the source model afresh for every corruption, as in the TENT and TTT
 papers. Error is the mean of per-image 0/1 errors, with the normal-approximation 95% interval.
 Cost is wall time per batch and per image (adaptation and prediction together, as they are one
@@ -16,15 +16,14 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
-
-from ..engine.memory import PeakMemory
-from ..engine.stats import mean_ci95, median
 from ..errors import ConfigError
-from .augment import to_float
-from .bn import BNAdapt
-from .tent import setup_tent
-from .ttt import TTT
+from ..progress import progress_bar
+from ..tta.augment import to_float
+from ..tta.bn import BNAdapt
+from ..tta.tent import setup_tent
+from ..tta.ttt import TTT
+from .memory import PeakMemory
+from .stats import mean_ci95, median
 
 TTA_METHODS = ("source", "bn", "tent", "ttt", "ttt-online")
 
@@ -86,8 +85,7 @@ def run_stream(
     batch_ms: list[float] = []
     total = 0.0
     with PeakMemory(device) as pm:
-        for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False,
-                      dynamic_ncols=True):
+        for i in progress_bar(range(0, len(images), batch_size), enabled=progress, desc=desc):
             x = to_float(images[i : i + batch_size].to(device))
             y = labels[i : i + batch_size].to(device)
             _sync(device)
