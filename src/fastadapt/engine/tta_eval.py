@@ -101,7 +101,7 @@ def run_stream(
         "error": err,
         "ci95": ci,
         "images": len(wrong),
-        "batch_size": batch_size,
+        "batch_size": min(batch_size, len(wrong)),
         "ms_per_batch": median(batch_ms),
         "ms_per_image": 1e3 * total / len(wrong),
         "peak_mem_mb": pm.peak_mb,

@@ -136,20 +136,19 @@ class ResNetCifar(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.trunk(x))
 
-    def forward_rotation(self, x: Tensor) -> Tensor:
+    def _rotation_head(self) -> nn.Module:
         if self.rot_head is None:
             raise ConfigError("this model has no rotation head; train it with --rotation-head for TTT")
-        return self.rot_head(self.trunk(x))
+        return self.rot_head
+
+    def forward_rotation(self, x: Tensor) -> Tensor:
+        return self._rotation_head()(self.trunk(x))
 
     def forward_both(self, x: Tensor, x_rot: Tensor) -> tuple[Tensor, Tensor]:
         """Class logits of ``x`` and rotation logits of ``x_rot`` in one trunk pass."""
+        head = self._rotation_head()
         feats = self.trunk(torch.cat([x, x_rot]))
-        return self.head(feats[: len(x)]), self.forward_rotation_features(feats[len(x):])
-
-    def forward_rotation_features(self, feats: Tensor) -> Tensor:
-        if self.rot_head is None:
-            raise ConfigError("this model has no rotation head; train it with --rotation-head for TTT")
-        return self.rot_head(feats)
+        return self.head(feats[: len(x)]), head(feats[len(x) :])
 
 
 @BACKBONES.register("resnet26")
