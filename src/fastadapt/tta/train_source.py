@@ -160,8 +160,7 @@ def train_source(
                         ckpt_path)
         with open(out / LOG_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if progress:
-            tqdm.write(json.dumps(record))
+        tqdm.write(json.dumps(record))  # one line per epoch, also when the bars are off
     summary: dict[str, Any] = {"epochs": int(cfg["epochs"]), "train_seconds": round(elapsed, 1)}
     if test_images is not None:
         summary["clean_test_error"] = 100.0 - accuracy(model, test_images, test_labels, device=device)
