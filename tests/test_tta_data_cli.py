@@ -139,6 +139,10 @@ def test_resnets_shapes_and_depths():
     assert not any(isinstance(mod, torch.nn.BatchNorm2d) for mod in small.modules())
     with pytest.raises(ConfigError):
         ResNetCifar(depth=10)
+    from fastadapt.models import build_backbone
+
+    emb = build_backbone("resnet8", (1, 28, 28))  # registered backbones are embedding networks
+    assert emb(torch.rand(3, 1, 28, 28)).shape == (3, emb.out_features) == (3, 64)
     with pytest.raises(ConfigError, match="rotation head"):
         small.forward_rotation(x)
 

@@ -108,13 +108,13 @@ class ResNetCifar(nn.Module):
         blocks = _check_depth(depth)
         if width < 1:
             raise ConfigError(f"ResNet width must be at least 1, got {width}")
-        if in_channels != 3:
-            raise ConfigError(f"the CIFAR ResNet takes RGB images, got {in_channels} channels")
         self.config = dict(depth=depth, width=width, num_classes=num_classes, norm=norm, rotation_head=rotation_head)
         c1, c2, c3 = 16 * width, 32 * width, 64 * width
+        norm_in = _Normalize(CIFAR_MEAN, CIFAR_STD) if in_channels == 3 else _Normalize((0.5,) * in_channels,
+                                                                                          (0.5,) * in_channels)
         self.trunk = nn.Sequential(
-            _Normalize(CIFAR_MEAN, CIFAR_STD),
-            nn.Conv2d(3, c1, 3, 1, 1, bias=False),
+            norm_in,
+            nn.Conv2d(in_channels, c1, 3, 1, 1, bias=False),
             _group(c1, c1, blocks, 1, norm),
             _group(c1, c2, blocks, 2, norm),
         )
@@ -124,14 +124,11 @@ class ResNetCifar(nn.Module):
 
     @staticmethod
     def _make_head(c_in: int, c_out: int, blocks: int, norm: str, outputs: int) -> nn.Sequential:
-        return nn.Sequential(
-            _group(c_in, c_out, blocks, 2, norm),
-            _norm(norm, c_out),
-            nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(c_out, outputs),
-        )
+        layers = [_group(c_in, c_out, blocks, 2, norm), _norm(norm, c_out), nn.ReLU(inplace=True),
+                  nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        if outputs:  # 0: an embedding network (the pooled features), as the few-shot methods use it
+            layers.append(nn.Linear(c_out, outputs))
+        return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.trunk(x))
@@ -152,18 +149,21 @@ class ResNetCifar(nn.Module):
 
 
 @BACKBONES.register("resnet26")
-def resnet26(**kwargs) -> ResNetCifar:
-    """ResNet-26 of the TTT and TENT CIFAR-10-C experiments (four blocks per group)."""
-    return ResNetCifar(depth=26, **kwargs)
+def resnet26(num_classes: int = 0, **kwargs) -> ResNetCifar:
+    """ResNet-26 of the TTT and TENT CIFAR-10-C experiments (four blocks per group).
+
+    As a registered backbone it is an embedding network (``num_classes=0``: 64w-d features)."""
+    return ResNetCifar(depth=26, num_classes=num_classes, **kwargs)
 
 
 @BACKBONES.register("resnet8")
-def resnet8(**kwargs) -> ResNetCifar:
+def resnet8(num_classes: int = 0, **kwargs) -> ResNetCifar:
     """ResNet-8 (one block per group): the same design at a size that trains on a few CPU cores."""
-    return ResNetCifar(depth=8, **kwargs)
+    return ResNetCifar(depth=8, num_classes=num_classes, **kwargs)
 
 
-def build_resnet_cifar(arch: str, **kwargs) -> ResNetCifar:
+def build_resnet_cifar(arch: str, num_classes: int = 10, **kwargs) -> ResNetCifar:
+    """A CIFAR classifier (``num_classes`` logits) of architecture ``resnet26`` or ``resnet8``."""
     if arch not in ("resnet26", "resnet8"):
         raise ConfigError(f"unknown CIFAR ResNet '{arch}'; choose resnet26 or resnet8")
-    return BACKBONES.get(arch)(**kwargs)
+    return BACKBONES.get(arch)(num_classes=num_classes, **kwargs)
