@@ -221,6 +221,23 @@ def test_ttt_standard_resets_per_image_online_keeps_weights():
         assert torch.equal(v, source[k]), k
 
 
+def test_ttt_batchnorm_modes():
+    torch.manual_seed(0)
+    image = torch.rand(3, 16, 16)
+    for mode, moves in (("frozen", False), ("train", True)):
+        model = ResNetCifar(depth=8, norm="bn", rotation_head=True).eval()
+        stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+        ttt = TTT(model, online=True, steps=2, copies=4, bn=mode)
+        ttt(image.unsqueeze(0))
+        changed = any(not torch.equal(v, stats[k]) for k, v in model.state_dict().items() if k in stats)
+        assert changed == moves and not model.training
+        for k, v in model.state_dict().items():  # only the trunk adapts; the heads' statistics stay
+            if k in stats and not k.startswith("trunk."):
+                assert torch.equal(v, stats[k]), k
+    with pytest.raises(ConfigError):
+        TTT(_ttt_model(), bn="batch")
+
+
 def test_ttt_needs_a_rotation_head():
     with pytest.raises(ConfigError, match="rotation head"):
         TTT(ResNetCifar(depth=8))

@@ -46,8 +46,8 @@ def _check_method(method: str) -> None:
 def build_adapter(method: str, model: nn.Module, options: dict[str, Any] | None = None) -> nn.Module:
     """A fresh adapter around a deep copy of ``model`` (the source model is never modified).
 
-    ``options``: ``lr``, ``steps``, ``episodic`` for TENT; ``lr``, ``steps``, ``copies``, ``seed``
-    for TTT.
+    ``options``: ``lr``, ``steps``, ``episodic`` for TENT; ``lr``, ``steps``, ``copies``, ``seed``,
+    ``ttt_bn`` ("frozen" or "train") for TTT.
     """
     _check_method(method)
     opts = dict(options or {})
@@ -60,7 +60,8 @@ def build_adapter(method: str, model: nn.Module, options: dict[str, Any] | None 
         return setup_tent(model, lr=float(opts.get("lr") or 1e-3), steps=int(opts.get("steps") or 1),
                           episodic=bool(opts.get("episodic", False)))
     return TTT(model, online=method == "ttt-online", steps=opts.get("steps") or None,
-               copies=int(opts.get("copies") or 32), lr=float(opts.get("lr") or 1e-3), seed=int(opts.get("seed") or 0))
+               copies=int(opts.get("copies") or 32), lr=float(opts.get("lr") or 1e-3), seed=int(opts.get("seed") or 0),
+               bn=str(opts.get("ttt_bn") or "frozen"))
 
 
 def _sync(device: torch.device) -> None:

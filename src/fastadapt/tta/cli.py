@@ -75,6 +75,8 @@ def add_tta_parser(subparsers: Any) -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, default=None, help="TENT: steps per batch (1); TTT: per image (10; online 1)")
     ev.add_argument("--episodic", action="store_true", help="TENT: reset to the source model after every batch")
     ev.add_argument("--copies", type=int, default=32, help="TTT: augmented copies per step")
+    ev.add_argument("--ttt-bn", default="frozen", choices=["frozen", "train"],
+                    help="TTT on a BatchNorm model: keep source statistics, or update them during the steps")
     ev.add_argument("--frost-dir", default=None, help="folder with the frost photographs (frost1.png ...)")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -153,7 +155,8 @@ def _eval(args: argparse.Namespace) -> int:
         names = [args.corruption]
     else:
         raise ConfigError(f"unknown corruption '{args.corruption}'; choose one of {', '.join(CORRUPTIONS)}, all, {CLEAN}")
-    options = {"lr": args.lr, "steps": args.steps, "episodic": args.episodic, "copies": args.copies}
+    options = {"lr": args.lr, "steps": args.steps, "episodic": args.episodic, "copies": args.copies,
+               "ttt_bn": args.ttt_bn}
     results = evaluate_run(args.run_dir, args.method, names, args.severity, args.data_dir, args.batch_size,
                            args.max_images, args.seed, options, args.frost_dir, args.device,
                            not args.no_progress, on_result=lambda r: print(format_tta_result(r), flush=True))

@@ -13,9 +13,11 @@ takes SGD steps on the rotation loss; then the adapted model classifies the orig
   stream is assumed to come from one shifted distribution); one step per image.
 
 Optimiser as in the paper: SGD with the last training learning rate (1e-3), momentum 0.9, weight
-decay 5e-4, 32 copies per step. Normalisation layers are kept in eval mode during the steps:
-GroupNorm is unaffected, and BatchNorm keeps its source statistics instead of estimating them
-from 32 copies of a single image (Sun et al. discuss why that is unreliable).
+decay 5e-4, 32 copies per step. GroupNorm (the paper's choice) behaves the same in train and eval
+mode. For BatchNorm, ``bn="frozen"`` (default) keeps the source statistics during the steps, and
+``bn="train"`` runs the steps in train mode as the reference code does, so the running
+statistics move towards those of the test image's copies (momentum 0.1) before prediction; they
+are part of the trunk state, so the standard version resets them per image too.
 """
 
 from __future__ import annotations
@@ -58,9 +60,13 @@ class TTT(nn.Module):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         seed: int = 0,
+        bn: str = "frozen",
     ) -> None:
         super().__init__()
         _check_rotation_model(model)
+        if bn not in ("frozen", "train"):
+            raise ConfigError(f"TTT's BatchNorm mode must be 'frozen' or 'train', got '{bn}'")
+        self.bn = bn
         steps = (1 if online else 10) if steps is None else steps
         if steps < 1 or copies < 1:
             raise ConfigError(f"TTT needs steps >= 1 and copies >= 1, got steps={steps}, copies={copies}")
@@ -83,12 +89,17 @@ class TTT(nn.Module):
     def adapt(self, image: Tensor) -> float:
         """Steps on the rotation loss of augmented copies of one ``image [3, H, W]``; returns the last loss."""
         batch = image.unsqueeze(0).expand(self.copies, *image.shape)
-        for _ in range(self.steps):
-            copies = random_crop_flip(batch, self.generator)
-            loss = rotation_loss(self.model, copies, self.generator)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+        if self.bn == "train":
+            self.model.trunk.train()
+        try:
+            for _ in range(self.steps):
+                copies = random_crop_flip(batch, self.generator)
+                loss = rotation_loss(self.model, copies, self.generator)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+        finally:
+            self.model.eval()
         return float(loss.detach())
 
     def forward(self, x: Tensor) -> Tensor:
