@@ -89,6 +89,8 @@ def main() -> int:
     p.add_argument("--ttt-online-images", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ttt-bn", default="frozen", choices=["frozen", "train"],
+                   help="TTT on a BatchNorm model: keep the source statistics or update them during the steps")
     p.add_argument("--out", default="benchmarks/results/tta_cifar10c_resnet8.json")
     p.add_argument("--merge", nargs="*", default=[],
                    help="JSON files of runs with the same settings (e.g. methods run in parallel) to take cells from")
@@ -103,6 +105,8 @@ def main() -> int:
     images = {"source": args.max_images, "bn": args.max_images, "tent": args.max_images,
               "ttt": args.ttt_images, "ttt-online": args.ttt_online_images}
     settings = {"severity": args.severity, "seed": args.seed, "images": images}
+    if args.ttt_bn != "frozen":
+        settings["ttt_bn"] = args.ttt_bn
     doc = json.loads(out.read_text()) if out.is_file() else {}
     if doc.get("settings") != settings:
         doc = {"results": {}, "source_on_same_images": {}}
@@ -132,7 +136,8 @@ def main() -> int:
             "bn": "BatchNorm with test-batch statistics, batch 128",
             "tent": "online, Adam lr 1e-3, batch 128, one step per batch, BatchNorm affine only",
             "ttt": "reset per image, 10 SGD steps (lr 1e-3, momentum 0.9, wd 5e-4) on 32 augmented rotated copies; "
-                   "BatchNorm keeps source statistics",
+                   + ("BatchNorm keeps source statistics" if args.ttt_bn == "frozen" else
+                      "BatchNorm in train mode during the steps (running statistics move to the test image)"),
             "ttt-online": "weights kept across the stream, 1 step per image, otherwise as ttt",
         },
         stream="CIFAR-10 test set in a seeded random order (seed 0); methods with a subset see its first N images",
@@ -162,7 +167,7 @@ def main() -> int:
                 continue
             t0 = time.perf_counter()
             r = evaluate_run(run, m, [name], args.severity, args.data_dir, 128, images[m], args.seed,
-                             progress=False)[0]
+                             options={"ttt_bn": args.ttt_bn}, progress=False)[0]
             r["wall_seconds"] = round(time.perf_counter() - t0, 1)
             cells[name] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
             print(format_tta_result(r), flush=True)
