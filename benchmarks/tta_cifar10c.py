@@ -28,9 +28,8 @@ from pathlib import Path
 import torch
 
 from fastadapt.io import atomic_write_text
-from fastadapt.tta.cli import evaluate_run
+from fastadapt.engine.tta_eval import evaluate_run, format_tta_result
 from fastadapt.tta.corruptions import CORRUPTIONS
-from fastadapt.engine.tta_eval import format_tta_result
 
 PAPER = {
     "source": "ResNet-26, severity 5, mean over 15 corruptions: 40.8 (TENT paper, Table 2)",

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import time
 from copy import deepcopy
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from ..data.cifar10 import load_cifar10
 from ..errors import ConfigError
 from ..progress import progress_bar
+from ..tta.corruptions import corrupt_dataset
+from ..tta.train_source import load_source_model
 from ..tta.augment import to_float
 from ..tta.bn import BNAdapt
 from ..tta.tent import setup_tent
@@ -26,6 +30,7 @@ from .memory import PeakMemory
 from .stats import mean_ci95, median
 
 TTA_METHODS = ("source", "bn", "tent", "ttt", "ttt-online")
+CLEAN = "clean"
 
 
 class _Source(nn.Module):
@@ -123,3 +128,35 @@ def format_tta_result(r: dict[str, Any]) -> str:
     return (f"{r['method']:<10} {r['corruption']:<18} s{r['severity']}  error {r['error']:6.2f} ± {r['ci95']:.2f} %"
             f"  ({r['images']} images; {r['ms_per_batch']:.1f} ms/batch of {r['batch_size']}, "
             f"{r['ms_per_image']:.2f} ms/image, peak {r['peak_mem_mb']:.0f} MB)")
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    method: str,
+    corruptions: list[str],
+    severity: int,
+    data_dir: str | None = None,
+    batch_size: int = 128,
+    max_images: int = 0,
+    seed: int = 0,
+    options: dict[str, Any] | None = None,
+    frost_dir: str | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    on_result=None,
+) -> list[dict[str, Any]]:
+    """Evaluate ``method`` on each corruption in turn, each from the source model afresh."""
+    model, cfg = load_source_model(run_dir, device)
+    images, labels = load_cifar10("test", data_dir if data_dir is not None else cfg.get("data_dir"))
+    order = stream_order(len(labels), seed, max_images)
+    results = []
+    for name in corruptions:
+        shifted = images if name == CLEAN else corrupt_dataset(images, name, severity, seed, frost_dir, progress=progress)
+        adapter = build_adapter(method, model, {**(options or {}), "seed": seed})
+        r = run_stream(adapter, shifted[order], labels[order], batch_size, device, progress, desc=f"{method} {name}")
+        r.update(method=method, corruption=name, severity=severity, arch=cfg["arch"], seed=seed,
+                 subset=f"seeded random {len(order)} of {len(labels)}" if max_images else "all")
+        results.append(r)
+        if on_result is not None:
+            on_result(r)
+    return results

@@ -16,12 +16,11 @@ from typing import Any
 
 import torch
 
-from ..io import atomic_write_text
+from ..engine.tta_eval import CLEAN, TTA_METHODS
 from ..errors import ConfigError, FastAdaptError
+from ..io import atomic_write_text
 from .corruptions import CORRUPTIONS
-from ..engine.tta_eval import TTA_METHODS
 
-CLEAN = "clean"
 
 
 def _severity(text: str) -> int:
@@ -109,45 +108,8 @@ def _train_source(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate_run(
-    run_dir: str | Path,
-    method: str,
-    corruptions: list[str],
-    severity: int,
-    data_dir: str | None = None,
-    batch_size: int = 128,
-    max_images: int = 0,
-    seed: int = 0,
-    options: dict[str, Any] | None = None,
-    frost_dir: str | None = None,
-    device: str = "cpu",
-    progress: bool = True,
-    on_result=None,
-) -> list[dict[str, Any]]:
-    """Evaluate ``method`` on each corruption in turn, each from the source model afresh."""
-    from ..data.cifar10 import load_cifar10
-    from .corruptions import corrupt_dataset
-    from ..engine.tta_eval import build_adapter, run_stream, stream_order
-    from .train_source import load_source_model
-
-    model, cfg = load_source_model(run_dir, device)
-    images, labels = load_cifar10("test", data_dir if data_dir is not None else cfg.get("data_dir"))
-    order = stream_order(len(labels), seed, max_images)
-    results = []
-    for name in corruptions:
-        shifted = images if name == CLEAN else corrupt_dataset(images, name, severity, seed, frost_dir, progress=progress)
-        adapter = build_adapter(method, model, {**(options or {}), "seed": seed})
-        r = run_stream(adapter, shifted[order], labels[order], batch_size, device, progress, desc=f"{method} {name}")
-        r.update(method=method, corruption=name, severity=severity, arch=cfg["arch"], seed=seed,
-                 subset=f"seeded random {len(order)} of {len(labels)}" if max_images else "all")
-        results.append(r)
-        if on_result is not None:
-            on_result(r)
-    return results
-
-
 def _eval(args: argparse.Namespace) -> int:
-    from ..engine.tta_eval import format_tta_result
+    from ..engine.tta_eval import evaluate_run, format_tta_result
 
     if args.corruption == "all":
         names = list(CORRUPTIONS)
