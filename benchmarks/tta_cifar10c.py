@@ -88,7 +88,7 @@ def main() -> int:
     p.add_argument("--ttt-online-images", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--ttt-bn", default="frozen", choices=["frozen", "train"],
+    p.add_argument("--ttt-bn", default="train", choices=["train", "frozen"],
                    help="TTT on a BatchNorm model: keep the source statistics or update them during the steps")
     p.add_argument("--out", default="benchmarks/results/tta_cifar10c_resnet8.json")
     p.add_argument("--merge", nargs="*", default=[],
@@ -104,7 +104,7 @@ def main() -> int:
     images = {"source": args.max_images, "bn": args.max_images, "tent": args.max_images,
               "ttt": args.ttt_images, "ttt-online": args.ttt_online_images}
     settings = {"severity": args.severity, "seed": args.seed, "images": images}
-    if args.ttt_bn != "frozen":
+    if args.ttt_bn != "train":
         settings["ttt_bn"] = args.ttt_bn
     doc = json.loads(out.read_text()) if out.is_file() else {}
     if doc.get("settings") != settings:
@@ -134,10 +134,12 @@ def main() -> int:
             "source": "eval mode, source BatchNorm statistics",
             "bn": "BatchNorm with test-batch statistics, batch 128",
             "tent": "online, Adam lr 1e-3, batch 128, one step per batch, BatchNorm affine only",
-            "ttt": "reset per image, 10 SGD steps (lr 1e-3, momentum 0.9, wd 5e-4) on 32 augmented rotated copies; "
+            "ttt": "reset per image, 10 plain SGD steps (lr 1e-3, as the authors' code) on 32 augmented randomly "
+                   "rotated copies, trunk only; "
                    + ("BatchNorm keeps source statistics" if args.ttt_bn == "frozen" else
-                      "BatchNorm in train mode during the steps (running statistics move to the test image)"),
-            "ttt-online": "weights kept across the stream, 1 step per image, otherwise as ttt",
+                      "BatchNorm in train mode during the steps (running statistics, momentum 0.1, move towards "
+                      "the test image's; reset with the weights)"),
+            "ttt-online": "weights and BatchNorm statistics kept across the stream, 1 step per image, otherwise as ttt",
         },
         stream="CIFAR-10 test set in a seeded random order (seed 0); methods with a subset see its first N images",
     )

@@ -66,7 +66,7 @@ def build_adapter(method: str, model: nn.Module, options: dict[str, Any] | None 
                           episodic=bool(opts.get("episodic", False)))
     return TTT(model, online=method == "ttt-online", steps=opts.get("steps") or None,
                copies=int(opts.get("copies") or 32), lr=float(opts.get("lr") or 1e-3), seed=int(opts.get("seed") or 0),
-               bn=str(opts.get("ttt_bn") or "frozen"))
+               bn=str(opts.get("ttt_bn") or "train"))
 
 
 def _sync(device: torch.device) -> None:

@@ -74,8 +74,9 @@ def add_tta_parser(subparsers: Any) -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, default=None, help="TENT: steps per batch (1); TTT: per image (10; online 1)")
     ev.add_argument("--episodic", action="store_true", help="TENT: reset to the source model after every batch")
     ev.add_argument("--copies", type=int, default=32, help="TTT: augmented copies per step")
-    ev.add_argument("--ttt-bn", default="frozen", choices=["frozen", "train"],
-                    help="TTT on a BatchNorm model: keep source statistics, or update them during the steps")
+    ev.add_argument("--ttt-bn", default="train", choices=["train", "frozen"],
+                    help="TTT on a BatchNorm model: BatchNorm in train mode during the steps (default, as the "
+                         "authors' code) or frozen source statistics")
     ev.add_argument("--frost-dir", default=None, help="folder with the frost photographs (frost1.png ...)")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--json", default=None, help="also write the results to this JSON file")
