@@ -185,7 +185,28 @@ def main() -> int:
             extra = f"  (source on the same {images[m]} images: {src:.2f})"
         print(f"mean error {m:<10} {e:6.2f} %{extra}")
     _plot(doc, out.with_suffix(".png"))
+    print(markdown_summary(doc))
     return 0
+
+
+def markdown_summary(doc: dict) -> str:
+    """The per-method table of the README: mean error, the source on the same images, costs."""
+    rows = ["| method | images per corruption | mean error (%) | source on the same images (%) | ms per image | "
+            "ms per batch | peak memory (MB) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    src_all = doc["mean_error"].get("source")
+    for m in METHODS:
+        if m not in doc["mean_error"]:
+            continue
+        cells = list(doc["results"][m].values())
+        same = doc["source_on_same_images"].get(m)
+        same_txt = f"{sum(same.values()) / len(same):.1f}" if same and len(same) == len(cells) else \
+            (f"{src_all:.1f}" if src_all is not None else "-")
+        ms_img = sorted(c["ms_per_image"] for c in cells)[len(cells) // 2]
+        ms_batch = sorted(c["ms_per_batch"] for c in cells)[len(cells) // 2]
+        peak = max(c["peak_mem_mb"] for c in cells)
+        rows.append(f"| {m} | {doc['images_per_method'][m]} | {doc['mean_error'][m]:.1f} | {same_txt} | "
+                    f"{ms_img:.1f} | {ms_batch:.0f} (batch {cells[0]['batch_size']}) | {peak:.0f} |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":
