@@ -125,7 +125,11 @@ def main() -> int:
                "epochs": model_cfg["epochs"], "train_seconds": summary.get("train_seconds"),
                "clean_test_error": summary.get("clean_test_error"),
                "training": "SGD momentum 0.9 nesterov, lr 0.1 cosine, wd 5e-4, batch 128, crop+flip, "
-                           "joint rotation loss; CPU, 1 thread"},
+                           "joint rotation loss; CPU, 1 thread",
+               "train_command": (f"fastadapt tta train-source --dataset cifar10 --data-dir ../shared/data/cifar10 "
+                                 f"--arch {model_cfg['arch']} --norm {model_cfg['norm']}"
+                                 f"{' --rotation-head' if model_cfg['rotation_head'] else ''} "
+                                 f"--epochs {model_cfg['epochs']} --out RUN_DIR")},
         figures_from=f"All figures come from the CPU-sized {model_cfg['arch']} trained here. No ResNet-26 figures: "
                      "ResNet-26 (fastadapt tta train-source --arch resnet26) needs a GPU that this machine lacks.",
         paper_anchors_mean_error_severity5=PAPER,
