@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..methods.base import MetaLearner
 from .memory import PeakMemory
@@ -48,7 +48,7 @@ def evaluate(
     predict_ms: list[float] = []
     try:
         with PeakMemory(device) as pm:
-            for _ in tqdm(range(episodes), desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+            for _ in progress_bar(range(episodes), enabled=progress, desc=desc):
                 ep = source.sample(gen).to(device)
                 _sync(device)
                 t0 = time.perf_counter()

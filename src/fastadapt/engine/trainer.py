@@ -1,0 +1,271 @@
+"""The meta-training loop: progress, checkpoints, exact resume, logs and a learning curve.
+
+A run directory holds ``checkpoint.pt`` (written atomically every ``checkpoint_every``
+meta-iterations, on Ctrl-C / SIGTERM and at the end), ``metrics.jsonl`` (one line per
+``log_every`` iterations) and ``learning_curve.png``. The checkpoint carries everything the next
+iteration depends on (weights, optimiser and schedule state, the episode generator and the
+global RNG), so a resumed run continues the same episode stream and reaches the same weights as
+an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import ConfigError, NonFiniteLossError
+from ..io import atomic_write_text, load_checkpoint, save_checkpoint
+from ..methods.base import MetaLearner
+from ..progress import progress_bar
+from .evaluate import evaluate
+from .memory import PeakMemory
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+CURVE = "learning_curve.png"
+
+
+@dataclass
+class TrainSettings:
+    """How long and how to meta-train (everything but the method and the data)."""
+
+    steps: int
+    meta_batch: int = 1
+    lr: float = 1e-3
+    lr_decay_every: int = 0  # 0: constant learning rate
+    lr_decay: float = 0.5
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+    checkpoint_every: int = 500
+    log_every: int = 10
+    val_every: int = 0  # 0: no validation during training
+    val_episodes: int = 200
+    progress: bool = True
+
+    def check(self) -> None:
+        for name in ("steps", "meta_batch", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        for name in ("lr_decay_every", "checkpoint_every", "val_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        if not 0 < self.lr_decay <= 1:
+            raise ConfigError(f"--lr-decay must be in (0, 1], got {self.lr_decay}")
+
+
+@dataclass
+class TrainResult:
+    step: int
+    train_seconds: float
+    episodes_per_s: float
+    peak_mem_mb: float
+    peak_mem_kind: str
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    resumed_from: int = 0
+
+
+class _StopRequest:
+    """Turns the first Ctrl-C / SIGTERM into a request honoured between iterations, so a
+    checkpoint is never taken in the middle of an optimiser step. A second Ctrl-C aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _make_optimizer(learner: MetaLearner, s: TrainSettings) -> tuple[torch.optim.Optimizer, Any]:
+    groups = learner.parameter_groups() or [{"params": [p for p in learner.parameters() if p.requires_grad]}]
+    opt = torch.optim.Adam(groups, lr=s.lr, weight_decay=s.weight_decay)
+    if s.lr_decay_every > 0:
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=s.lr_decay_every, gamma=s.lr_decay)
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return opt, sched
+
+
+def _read_metrics(path: Path, upto: int | None = None) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if upto is None or row.get("step", 0) <= upto:
+            rows.append(row)
+    return rows
+
+
+def plot_learning_curve(metrics_path: Path, out_path: Path) -> None:
+    """Training loss and accuracy (and validation accuracy when logged) against iterations."""
+    rows = _read_metrics(metrics_path)
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val_accuracy" in r or "val_mse" in r]
+    keys = [k for k in ("loss", "acc") if train and k in train[0]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        ax.plot([r["step"] for r in train], [r[key] for r in train], lw=1, label=f"train {key}")
+        if key == "acc" and val:
+            ax.plot([r["step"] for r in val], [r.get("val_accuracy", 0) / 100 for r in val], "o-", label="val accuracy")
+        ax.set_xlabel("meta-iteration")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = out_path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(out_path)
+
+
+def meta_train(
+    learner: MetaLearner,
+    source: Any,
+    settings: TrainSettings,
+    out_dir: str | Path | None = None,
+    val_source: Any = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Meta-train ``learner`` on episodes from ``source`` for ``settings.steps`` iterations.
+
+    With ``out_dir`` the run is checkpointed there and resumed from its checkpoint if one
+    exists. Raises :class:`NonFiniteLossError` on a NaN/inf loss (the last checkpoint stays as
+    it was) and ``KeyboardInterrupt`` after saving a checkpoint when stopped by Ctrl-C/SIGTERM.
+    """
+    s = settings
+    s.check()
+    device = torch.device(s.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    learner.to(device)
+    optimizer, scheduler = _make_optimizer(learner, s)
+    gen = torch.Generator().manual_seed(s.seed)
+    torch.manual_seed(s.seed)
+    step, train_seconds = 0, 0.0
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if (out / CHECKPOINT).is_file():
+            ck = load_checkpoint(out / CHECKPOINT, map_location=device)
+            learner.load_state_dict(ck["model"])
+            optimizer.load_state_dict(ck["optimizer"])
+            scheduler.load_state_dict(ck["scheduler"])
+            gen.set_state(ck["generator"])
+            torch.set_rng_state(ck["torch_rng"])
+            step, train_seconds = int(ck["step"]), float(ck["train_seconds"])
+            # Drop log lines written after the checkpoint by the interrupted run.
+            rows = _read_metrics(out / METRICS, upto=step)
+            atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+    resumed_from = step
+
+    def checkpoint() -> None:
+        if out is None:
+            return
+        save_checkpoint(
+            {
+                "step": step,
+                "model": learner.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "train_seconds": train_seconds,
+            },
+            out / CHECKPOINT,
+        )
+
+    log_file = open(out / METRICS, "a") if out is not None else None
+    window: list[dict[str, float]] = []
+    last: dict[str, float] = {}
+    learner.train()
+    bar = progress_bar(total=s.steps, initial=step, enabled=s.progress, desc=f"meta-train {learner.name}")
+    seg_start, seg_steps = time.perf_counter(), 0
+    try:
+        with _StopRequest() as stop, PeakMemory(device) as pm:
+            while step < s.steps:
+                t0 = time.perf_counter()
+                batch = source.sample_batch(gen, s.meta_batch).to(device, non_blocking=True)
+                try:
+                    metrics = learner.train_step(batch, optimizer, step + 1)
+                except NonFiniteLossError as exc:
+                    raise NonFiniteLossError(f"{exc} (run directory: {out})" if out else str(exc)) from None
+                scheduler.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                train_seconds += time.perf_counter() - t0
+                step += 1
+                seg_steps += 1
+                window.append(metrics)
+                bar.update(1)
+                if step % s.log_every == 0 or step == s.steps:
+                    last = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
+                    row: dict[str, Any] = {"step": step, **last, "lr": optimizer.param_groups[0]["lr"],
+                                           "train_seconds": round(train_seconds, 3)}
+                    if s.val_every and val_source is not None and (step % s.val_every == 0 or step == s.steps):
+                        res = evaluate(learner, val_source, s.val_episodes, seed=s.seed + 1, device=device,
+                                       progress=False)
+                        learner.train()
+                        key = "accuracy" if "accuracy" in res else "mse"
+                        row[f"val_{key}"] = res[key]
+                    window = []
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()})
+                    if log_file is not None:
+                        log_file.write(json.dumps(row) + "\n")
+                        log_file.flush()
+                    if on_log is not None:
+                        on_log(row)
+                if s.checkpoint_every and step % s.checkpoint_every == 0:
+                    checkpoint()
+                if stop.requested:
+                    checkpoint()
+                    raise KeyboardInterrupt
+            checkpoint()
+    finally:
+        bar.close()
+        if log_file is not None:
+            log_file.close()
+        if out is not None:
+            plot_learning_curve(out / METRICS, out / CURVE)
+    seg_time = max(time.perf_counter() - seg_start, 1e-9)
+    return TrainResult(
+        step=step,
+        train_seconds=train_seconds,
+        episodes_per_s=seg_steps * s.meta_batch / seg_time,
+        peak_mem_mb=pm.peak_mb,
+        peak_mem_kind=pm.kind,
+        last_metrics=last,
+        resumed_from=resumed_from,
+    )
