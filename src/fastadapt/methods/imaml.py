@@ -116,7 +116,7 @@ class IMAML(MAML):
     def __init__(self, model: torch.nn.Module, inner_steps: int = 10, inner_lr: float = 0.1, lam: float = 2.0,
                  cg_steps: int = 5, batching: str = "auto", task_kind: str = "classification") -> None:
         self.lam, self.cg_steps = lam, cg_steps
-        super().__init__(model, inner_steps, inner_lr, first_order=True, checkpoint=False, batching=batching,
+        super().__init__(model, inner_steps, inner_lr, first_order=True, grad_checkpoint=False, batching=batching,
                          task_kind=task_kind)
 
     @classmethod
@@ -129,8 +129,9 @@ class IMAML(MAML):
         check_positive("cg_steps", self.cg_steps, integer=True)
         self.cg_steps = int(self.cg_steps)
 
-    def _fit(self, support_x: Tensor, support_y: Tensor, differentiable: bool) -> tuple[Params, Tensor]:
-        theta = {k: v.detach() for k, v in self._adapted().items()}
+    def _fit(self, support_x: Tensor, support_y: Tensor, differentiable: bool,
+             ways: int | None = None) -> tuple[Params, Tensor]:
+        theta = {k: v.detach() for k, v in self._adapted(ways).items()}
         return inner_loop(module_forward(self.model), self._loss_fn, theta, support_x, support_y, self.inner_steps,
                           InnerSGD(self.inner_lr), differentiable=False, regularizer=proximal_term(theta, self.lam))
 

@@ -35,19 +35,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from .._vmap import under_vmap
 from ..errors import ConfigError, NonFiniteLossError
 
 Params = dict[str, Tensor]
-
-
-def _under_vmap(t: Tensor) -> bool:
-    """Whether ``t`` carries a ``torch.func.vmap`` batch dimension (at any transform level)."""
-    functorch = torch._C._functorch
-    while functorch.is_functorch_wrapped_tensor(t):
-        if functorch.is_batchedtensor(t):
-            return True
-        t = functorch.get_unwrapped(t)
-    return False
 
 
 class BatchStatNorm(nn.Module):
@@ -68,7 +59,7 @@ class BatchStatNorm(nn.Module):
             self.bias = nn.Parameter(torch.zeros(num_features))
 
     def forward(self, x: Tensor) -> Tensor:
-        if not _under_vmap(x):
+        if not under_vmap(x):
             w, b = (self.weight, self.bias) if self.affine else (None, None)
             return F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
         dims = [0, *range(2, x.dim())]
@@ -255,7 +246,7 @@ def resolve_batching(mode: str, device: torch.device, checkpoint: bool = False) 
         raise ConfigError(f"--batching must be one of {', '.join(BATCHING_MODES)}, got '{mode}'")
     if checkpoint:
         if mode == "vmap":
-            raise ConfigError("--checkpoint cannot run under vmap; use --batching loop (or auto)")
+            raise ConfigError("--grad-checkpoint cannot run under vmap; use --batching loop (or auto)")
         return "loop"
     if mode == "auto":
         return "loop" if device.type == "cpu" else "vmap"
@@ -269,7 +260,8 @@ def map_tasks(fn: Callable[..., Any], mode: str, *batched: Tensor) -> Any:
         try:
             return torch.func.vmap(fn, randomness="different")(*batched)
         except RuntimeError as exc:
-            if "in-place" in str(exc) or "inplace" in str(exc) or "mutate" in str(exc):
+            msg = str(exc)
+            if any(word in msg for word in ("running_mean", "in-place", "inplace", "mutate")):
                 raise ConfigError(
                     "the model updates a buffer in place (BatchNorm running statistics?), which vmap over tasks "
                     "cannot do; convert it with fastadapt.methods.inner.convert_batchnorm(model) or use --batching loop"

@@ -95,7 +95,7 @@ class MAML(MetaLearner):
     Meta-learns an initialisation ``theta`` such that ``inner_steps`` SGD steps of size
     ``inner_lr`` on a task's support set give a low loss on its query set; the meta-gradient
     differentiates through the inner steps (second order) unless ``first_order``.
-    ``checkpoint`` recomputes each inner step in the backward pass (memory of one step's
+    ``grad_checkpoint`` recomputes each inner step in the backward pass (memory of one step's
     activations instead of ``inner_steps``). BatchNorm layers use the statistics of the batch
     they see (transductive, as in the paper); see :mod:`fastadapt.methods.inner`.
 
@@ -109,7 +109,7 @@ class MAML(MetaLearner):
         "inner_steps": 1,
         "inner_lr": 0.4,
         "first_order": False,
-        "checkpoint": False,
+        "grad_checkpoint": False,
         "batching": "auto",
         "meta_batch": 32,
         "lr": 1e-3,
@@ -125,13 +125,13 @@ class MAML(MetaLearner):
         inner_steps: int = 1,
         inner_lr: float = 0.4,
         first_order: bool = False,
-        checkpoint: bool = False,
+        grad_checkpoint: bool = False,
         batching: str = "auto",
         task_kind: str = "classification",
     ) -> None:
         super().__init__()
         self.inner_steps, self.inner_lr = inner_steps, inner_lr
-        self.first_order, self.checkpoint, self.batching = bool(first_order), bool(checkpoint), batching
+        self.first_order, self.grad_checkpoint, self.batching = bool(first_order), bool(grad_checkpoint), batching
         self.task_kind = task_kind
         self._check_options()
         # Per-task batch statistics instead of running statistics (see the module docstring).
@@ -153,7 +153,7 @@ class MAML(MetaLearner):
 
     @classmethod
     def _init_kwargs(cls, opts: dict[str, Any]) -> dict[str, Any]:
-        return {k: opts[k] for k in ("inner_steps", "inner_lr", "first_order", "checkpoint", "batching")}
+        return {k: opts[k] for k in ("inner_steps", "inner_lr", "first_order", "grad_checkpoint", "batching")}
 
     def _check_options(self) -> None:
         check_positive("inner_steps", self.inner_steps, integer=True)
@@ -161,10 +161,10 @@ class MAML(MetaLearner):
         check_positive("inner_lr", self.inner_lr)
         if self.batching not in BATCHING_MODES:
             raise ConfigError(f"--batching must be one of {', '.join(BATCHING_MODES)}, got '{self.batching}'")
-        if self.checkpoint and self.first_order:
-            raise ConfigError("--checkpoint only saves memory for second-order MAML; drop it or --first-order")
-        if self.checkpoint and self.batching == "vmap":
-            raise ConfigError("--checkpoint cannot run under vmap; use --batching loop (or auto)")
+        if self.grad_checkpoint and self.first_order:
+            raise ConfigError("--grad-checkpoint only saves memory for second-order MAML; drop it or --first-order")
+        if self.grad_checkpoint and self.batching == "vmap":
+            raise ConfigError("--grad-checkpoint cannot run under vmap; use --batching loop (or auto)")
         if self.task_kind not in ("classification", "regression"):
             raise ConfigError(f"unknown task kind '{self.task_kind}'")
 
@@ -172,31 +172,48 @@ class MAML(MetaLearner):
     def _inner_module(self) -> nn.Module:
         return self.model.head if self.head_only else self.model
 
-    def _adapted(self) -> Params:
-        """The parameters the inner loop adapts, by their name inside :meth:`_inner_module`."""
-        return dict(self._inner_module().named_parameters())
+    def _adapted(self, ways: int | None = None) -> Params:
+        """The parameters the inner loop adapts, by their name inside :meth:`_inner_module`.
+
+        With ``ways`` smaller than the head's outputs (a model meta-trained 20-way evaluated
+        5-way), the head is cut to its first ``ways`` rows, as if it had been built that size.
+        """
+        return self._cut_head(dict(self._inner_module().named_parameters()), ways)
+
+    def _cut_head(self, params: Params, ways: int | None) -> Params:
+        if ways is None or self.task_kind != "classification":
+            return params
+        prefix = "" if self.head_only else "head."
+        out = params[prefix + "weight"].shape[0]
+        if ways > out:
+            raise ConfigError(f"the model was meta-trained with {out} ways and cannot adapt to {ways}; "
+                              f"evaluate with --ways {out} or fewer")
+        if ways == out:
+            return params
+        return {k: (v[:ways] if k in (prefix + "weight", prefix + "bias") else v) for k, v in params.items()}
 
     def _features(self, x: Tensor) -> Tensor:
         # ANIL: the body is not adapted, so its features are computed once per set, not per step.
         return self.model.body(x) if self.head_only else x
 
-    def _inner_optimizer(self) -> Any:
+    def _inner_optimizer(self, ways: int | None = None) -> Any:
         if self.learn_lrs:
-            return InnerSGD({k: self.inner_lrs[_safe(k)] for k in self._adapted()})
+            return InnerSGD(self._cut_head({k: self.inner_lrs[_safe(k)] for k in self._adapted()}, ways))
         return InnerSGD(self.inner_lr)
 
-    def _fit(self, support_x: Tensor, support_y: Tensor, differentiable: bool) -> tuple[Params, Tensor]:
+    def _fit(self, support_x: Tensor, support_y: Tensor, differentiable: bool,
+             ways: int | None = None) -> tuple[Params, Tensor]:
         """Adapt to one task: the single inner loop shared by training and evaluation."""
         return inner_loop(
             module_forward(self._inner_module()),
             self._loss_fn,
-            self._adapted(),
+            self._adapted(ways),
             self._features(support_x),
             support_y,
             self.inner_steps,
-            self._inner_optimizer(),
+            self._inner_optimizer(ways),
             differentiable=differentiable,
-            checkpoint=self.checkpoint and differentiable,
+            checkpoint=self.grad_checkpoint and differentiable,
         )
 
     def _outputs(self, params: Params, x: Tensor) -> Tensor:
@@ -210,7 +227,7 @@ class MAML(MetaLearner):
         return self._loss_fn(out, qy), inner_losses, self._score_fn(out.detach(), qy)
 
     def _mode(self, batch: Episode) -> str:
-        return resolve_batching(self.batching, batch.support_x.device, self.checkpoint and not self.first_order)
+        return resolve_batching(self.batching, batch.support_x.device, self.grad_checkpoint and not self.first_order)
 
     def _metrics(self, loss: Tensor, score: Tensor) -> dict[str, float]:
         key = "mse" if self.task_kind == "regression" else "acc"
@@ -247,8 +264,9 @@ class MAML(MetaLearner):
         return self._metrics(total, torch.stack(scores))
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Params:
+        ways = int(support_y.max()) + 1 if self.task_kind == "classification" else None
         with torch.enable_grad():
-            fast, inner = self._fit(support_x, support_y, differentiable=False)
+            fast, inner = self._fit(support_x, support_y, differentiable=False, ways=ways)
         check_inner_losses(inner[None], "adaptation")
         return {k: v.detach() for k, v in fast.items()}
 

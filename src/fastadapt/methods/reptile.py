@@ -46,7 +46,7 @@ class Reptile(MAML):
                  outer_lr: float = 1.0, anneal: bool = False, total_steps: int | None = None, batching: str = "auto",
                  task_kind: str = "classification") -> None:
         self.inner_optim, self.outer_lr, self.anneal, self.total_steps = inner_optim, outer_lr, bool(anneal), total_steps
-        super().__init__(model, inner_steps, inner_lr, first_order=True, checkpoint=False, batching=batching,
+        super().__init__(model, inner_steps, inner_lr, first_order=True, grad_checkpoint=False, batching=batching,
                          task_kind=task_kind)
 
     @classmethod
@@ -62,7 +62,7 @@ class Reptile(MAML):
         if self.anneal and not self.total_steps:
             raise ConfigError("--anneal needs the run's --steps")
 
-    def _inner_optimizer(self) -> Any:
+    def _inner_optimizer(self, ways: int | None = None) -> Any:
         return InnerAdam(self.inner_lr) if self.inner_optim == "adam" else InnerSGD(self.inner_lr)
 
     def _task(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Any, ...]:
