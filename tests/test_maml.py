@@ -310,3 +310,12 @@ def test_batchnorm_with_running_statistics_is_handled_or_explained():
     with pytest.raises(ConfigError, match="convert_batchnorm"):
         map_tasks(lambda xi: torch.func.functional_call(raw, dict(raw.named_parameters()) | dict(raw.named_buffers()),
                                                         (xi,)), "vmap", x)
+
+
+def test_auto_batching_times_both_ways_once_and_keeps_the_gradients():
+    model, batch = tiny_model(seed=9), class_batch(seed=10)
+    auto = MAML(copy.deepcopy(model), inner_steps=2, inner_lr=0.5, batching="auto")
+    expected = train_step_grads(MAML(copy.deepcopy(model), inner_steps=2, inner_lr=0.5, batching="loop"), batch)
+    assert_grads_close(train_step_grads(auto, batch), expected)
+    assert auto._tuned[auto._shape_key(batch)] in ("loop", "vmap")
+    assert_grads_close(train_step_grads(auto, batch), expected)

@@ -141,15 +141,12 @@ class IMAML(MAML):
             lam=self.lam, steps=self.inner_steps, lr=self.inner_lr, cg_steps=self.cg_steps)
         return g, q_loss, inner_losses, self._score_fn(out, qy)
 
-    def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, float]]:
-        b = batch if batch.batched else Episode.stack([batch])
-        g, qloss, inner, score = map_tasks(self._task, self._mode(b), b.support_x, b.support_y, b.query_x, b.query_y)
+    per_task_backward = False
+
+    def _meta_loss(self, b: Episode, mode: str) -> tuple[Tensor, dict[str, float]]:
+        g, qloss, inner, score = map_tasks(self._task, mode, b.support_x, b.support_y, b.query_x, b.query_y)
         check_inner_losses(inner, "meta-training")
         loss = qloss.mean()
         # Zero-valued term whose gradient is the mean implicit meta-gradient.
         surrogate = sum((p * g[k].mean(0)).sum() for k, p in self._adapted().items())
         return loss + surrogate - surrogate.detach(), self._metrics(loss, score)
-
-    def train_step(self, batch: Episode, optimizer: torch.optim.Optimizer, step: int = 0) -> dict[str, float]:
-        # The meta-gradient never holds more than one task's graph, whatever the batching.
-        return super(MAML, self).train_step(batch, optimizer, step)

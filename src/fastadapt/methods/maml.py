@@ -17,6 +17,8 @@ on a GPU). ``--batching auto`` chooses ``vmap`` on accelerators and ``loop`` on 
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any, Callable
 
 import torch
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..errors import ConfigError
+from ..errors import ConfigError, FastAdaptError
 from ..models.conv4 import build_backbone
 from ..registry import DATASETS, METHODS
 from ..tasks.episode import Episode
@@ -227,41 +229,103 @@ class MAML(MetaLearner):
         return self._loss_fn(out, qy), inner_losses, self._score_fn(out.detach(), qy)
 
     def _mode(self, batch: Episode) -> str:
-        return resolve_batching(self.batching, batch.support_x.device, self.grad_checkpoint and not self.first_order)
+        """The batching of ``batch``: forced by ``batching``, else the one timed fastest for its
+        shapes (see :meth:`_choose_mode`), else ``vmap`` on accelerators and ``loop`` on the CPU."""
+        forced_loop = self.grad_checkpoint and not self.first_order
+        mode = resolve_batching(self.batching, batch.support_x.device, forced_loop)
+        if self.batching == "auto" and not forced_loop:
+            return self._tuned.get(self._shape_key(batch), mode)
+        return mode
 
     def _metrics(self, loss: Tensor, score: Tensor) -> dict[str, float]:
         key = "mse" if self.task_kind == "regression" else "acc"
         return {"loss": float(loss.detach()), key: float(score.mean())}
 
-    # ---------------------------------------------------------------- MetaLearner interface
+    @staticmethod
+    def _shape_key(b: Episode) -> tuple:
+        return (b.support_x.device.type, tuple(b.support_x.shape), tuple(b.query_x.shape))
+
+    @property
+    def _tuned(self) -> dict[tuple, str]:
+        if "_tuned_modes" not in self.__dict__:
+            self.__dict__["_tuned_modes"] = {}
+        return self.__dict__["_tuned_modes"]
+
+    def _choose_mode(self, b: Episode, step: int) -> tuple[str, dict[str, float]]:
+        """With ``batching=auto``, the first meta-batch of each shape is computed both ways
+        (twice, alternating) and the faster way is kept; the gradients of the last run are left
+        in ``.grad``, so no step is wasted. Returns the mode and the metrics of that run."""
+        mode = self._mode(b)
+        key = self._shape_key(b)
+        if self.batching != "auto" or (self.grad_checkpoint and not self.first_order) or key in self._tuned:
+            return mode, self._backward(b, mode, step)
+        device = b.support_x.device
+        times: dict[str, float] = {"loop": math.inf, "vmap": math.inf}
+        metrics: dict[str, float] = {}
+        for m in ("vmap", "loop", "vmap", "loop"):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            try:
+                metrics = self._backward(b, m, step)
+            except FastAdaptError:
+                raise
+            except RuntimeError:  # a model vmap cannot batch: the loop always works
+                times["vmap"] = math.inf
+                continue
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[m] = min(times[m], time.perf_counter() - t0)
+        self._tuned[key] = min(times, key=times.get)
+        return self._tuned[key], metrics
+
     def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, float]]:
         b = batch if batch.batched else Episode.stack([batch])
-        losses, inner, score = map_tasks(self._task, self._mode(b), b.support_x, b.support_y, b.query_x, b.query_y)
+        return self._meta_loss(b, self._mode(b))
+
+    def _meta_loss(self, b: Episode, mode: str) -> tuple[Tensor, dict[str, float]]:
+        losses, inner, score = map_tasks(self._task, mode, b.support_x, b.support_y, b.query_x, b.query_y)
         check_inner_losses(inner, "meta-training")
         loss = losses.mean()
         return loss, self._metrics(loss, score)
 
-    def train_step(self, batch: Episode, optimizer: torch.optim.Optimizer, step: int = 0) -> dict[str, float]:
-        b = batch if batch.batched else Episode.stack([batch])
-        if self._mode(b) == "vmap":
-            return super().train_step(b, optimizer, step)
-        # Loop: backward task by task, so only one task's graph is alive at a time.
-        optimizer.zero_grad(set_to_none=True)
+    #: Loop mode runs backward task by task (one task's graph alive at a time); methods whose
+    #: meta-loss holds no graph across tasks (Reptile, iMAML) use :meth:`meta_loss` in both modes.
+    per_task_backward: bool = True
+
+    def _backward(self, b: Episode, mode: str, step: int) -> dict[str, float]:
+        """Zero the gradients and fill them with the meta-gradient of ``b``; nothing is updated.
+        Raises before any backward pass contributes if an inner or outer loss is not finite."""
+        for p in self.parameters():
+            p.grad = None
+        if mode == "vmap" or not self.per_task_backward:
+            loss, metrics = self._meta_loss(b, mode)
+            check_finite(loss, f"meta-training step {step}")
+            loss.backward()
+            return metrics
         n = b.num_tasks
         losses, inners, scores = [], [], []
         for i in range(n):
             loss, inner, score = self._task(b.support_x[i], b.support_y[i], b.query_x[i], b.query_y[i])
             inners.append(inner)
-            if not torch.isfinite(inner).all():
-                break  # reported below, before any weight changes
+            if not (torch.isfinite(inner).all() and torch.isfinite(loss)):
+                break  # reported below, before the weights change
             (loss / n).backward()
             losses.append(loss.detach())
             scores.append(score)
         check_inner_losses(torch.stack(inners), f"meta-training step {step}")
+        if len(losses) < n:
+            for p in self.parameters():
+                p.grad = None
+            check_finite(loss, f"meta-training step {step}, task {len(losses)}")
         total = torch.stack(losses).mean()
-        check_finite(total, f"meta-training step {step}")
-        optimizer.step()
         return self._metrics(total, torch.stack(scores))
+
+    def train_step(self, batch: Episode, optimizer: torch.optim.Optimizer, step: int = 0) -> dict[str, float]:
+        b = batch if batch.batched else Episode.stack([batch])
+        _, metrics = self._choose_mode(b, step)
+        optimizer.step()
+        return metrics
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Params:
         ways = int(support_y.max()) + 1 if self.task_kind == "classification" else None

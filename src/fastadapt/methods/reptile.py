@@ -10,7 +10,6 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..registry import METHODS
 from ..tasks.episode import Episode
-from .base import check_finite
 from .inner import InnerAdam, InnerSGD, check_inner_losses, check_positive, map_tasks
 from .maml import MAML
 
@@ -72,9 +71,10 @@ class Reptile(MAML):
             out = self._outputs(fast, qx)
         return fast, self._loss_fn(out, qy), inner_losses, self._score_fn(out, qy)
 
-    def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, float]]:
-        b = batch if batch.batched else Episode.stack([batch])
-        fast, qloss, inner, score = map_tasks(self._task, self._mode(b), b.support_x, b.support_y, b.query_x, b.query_y)
+    per_task_backward = False
+
+    def _meta_loss(self, b: Episode, mode: str) -> tuple[Tensor, dict[str, float]]:
+        fast, qloss, inner, score = map_tasks(self._task, mode, b.support_x, b.support_y, b.query_x, b.query_y)
         check_inner_losses(inner, "meta-training")
         loss = qloss.mean()
         # Zero-valued term whose gradient is theta - mean_i W_i.
@@ -89,14 +89,12 @@ class Reptile(MAML):
     def train_step(self, batch: Episode, optimizer: torch.optim.Optimizer, step: int = 0) -> dict[str, float]:
         """``theta <- theta + beta * mean_i(W_i - theta)``; the optimiser the trainer built is not
         used (Reptile's outer update is this interpolation, not a gradient step of Adam)."""
-        for p in self.parameters():
-            p.grad = None
-        loss, metrics = self.meta_loss(batch)
-        check_finite(loss, f"meta-training step {step}")
-        loss.backward()
+        b = batch if batch.batched else Episode.stack([batch])
+        _, metrics = self._choose_mode(b, step)
         beta = self.outer_step_size(step)
         with torch.no_grad():
             for p in self._adapted().values():
                 p.sub_(beta * p.grad)
                 p.grad = None
+        optimizer.step()  # no gradients left: a no-op that keeps learning-rate schedulers in order
         return metrics
