@@ -1,3 +1,17 @@
-"""fastadapt: efficient meta-learning and test-time adaptation on PyTorch."""
+"""fastadapt: efficient meta-learning and test-time adaptation on PyTorch.
+
+The names below are the short way in; everything is also importable from its own module.
+"""
 
 __version__ = "0.1.0"
+
+from . import data, methods, models  # noqa: E402,F401  (importing registers datasets, methods, backbones)
+from .data import build_task_source  # noqa: E402
+from .engine.evaluate import evaluate, format_result  # noqa: E402
+from .engine.trainer import TrainSettings, meta_train  # noqa: E402
+from .methods import MetaLearner, ProtoNet  # noqa: E402
+from .models import Conv4  # noqa: E402
+from .tasks import ClassPool, Episode, EpisodeSampler  # noqa: E402
+
+__all__ = ["build_task_source", "evaluate", "format_result", "TrainSettings", "meta_train", "MetaLearner",
+           "ProtoNet", "Conv4", "ClassPool", "Episode", "EpisodeSampler"]

@@ -25,7 +25,7 @@ from .registry import BACKBONES, DATASETS, METHODS
 
 TRAIN_KEYS = ("dataset", "data_dir", "download", "image_size", "train_split", "ways", "shots", "queries", "steps",
               "meta_batch", "lr", "lr_decay_every", "lr_decay", "weight_decay", "seed", "device",
-              "checkpoint_every", "log_every", "val_every", "val_episodes")
+              "checkpoint_every", "log_every", "val_every", "val_episodes", "max_train_seconds")
 
 
 def _flag(key: str) -> str:
@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--log-every", type=int, help="iterations between metrics-log lines")
     t.add_argument("--val-every", type=int, help="validate every N iterations (0: never)")
     t.add_argument("--val-episodes", type=int)
+    t.add_argument("--max-train-seconds", type=float,
+                   help="time budget: stop training (checkpointed) after this many seconds; 0: none")
     t.add_argument("--eval-ways", type=int, help="ways of the final test evaluation")
     t.add_argument("--eval-shots", type=int)
     t.add_argument("--eval-queries", type=int)
@@ -156,7 +158,8 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"-> {run_dir}", flush=True)
     settings = TrainSettings(**{k: cfg[k] for k in ("steps", "meta_batch", "lr", "lr_decay_every", "lr_decay",
                                                      "weight_decay", "seed", "device", "checkpoint_every",
-                                                     "log_every", "val_every", "val_episodes")},
+                                                     "log_every", "val_every", "val_episodes",
+                                                     "max_train_seconds")},
                              progress=progress)
     result = meta_train(learner, source, settings, run_dir, val_source)
     print(f"meta-training: {result.step} iterations, {result.train_seconds:.1f} s in all "

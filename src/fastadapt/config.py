@@ -24,10 +24,10 @@ DEFAULTS: dict[str, Any] = {
     "download": True,
     "image_size": None,  # the dataset's own default (28 for glyphs and Omniglot, 84 for image folders)
     "train_split": "train",
-    "ways": 20,
+    "ways": 10,
     "shots": 5,
     "queries": 5,
-    "steps": 600,
+    "steps": 300,
     "meta_batch": 1,
     "lr": 1e-3,
     "lr_decay_every": 2000,
@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "log_every": 10,
     "val_every": 0,
     "val_episodes": 200,
+    "max_train_seconds": 0.0,
     "eval": {"ways": 5, "shots": 1, "queries": 15, "episodes": 1000},
 }
 
@@ -52,7 +53,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 # Keys that may differ when a run is resumed or evaluated: they do not change what is learned.
-RESUMABLE = {"steps", "device", "checkpoint_every", "log_every", "eval", "val_every", "val_episodes",
+RESUMABLE = {"steps", "max_train_seconds", "device", "checkpoint_every", "log_every", "eval", "val_every", "val_episodes",
              "data_dir", "download", "progress"}
 
 
@@ -88,6 +89,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def resolve(method: str, preset: dict[str, Any] | None, flags: dict[str, Any]) -> dict[str, Any]:
     """Merge defaults, the method's and dataset's defaults, a preset and flags (None = unset)."""
     cls = METHODS.get(method)
+    if preset and preset.get("method") not in (None, method):
+        raise ConfigError(f"the config file is for method '{preset['method']}', not '{method}'; "
+                          f"run: fastadapt train {preset['method']} --config ...")
     cfg = copy.deepcopy(DEFAULTS)
     cfg.update(copy.deepcopy(cls.options))
     preset = copy.deepcopy(preset or {})

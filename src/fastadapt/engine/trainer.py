@@ -48,6 +48,7 @@ class TrainSettings:
     log_every: int = 10
     val_every: int = 0  # 0: no validation during training
     val_episodes: int = 200
+    max_train_seconds: float = 0.0  # 0: no time budget; else stop (and checkpoint) once training took this long
     progress: bool = True
 
     def check(self) -> None:
@@ -59,6 +60,8 @@ class TrainSettings:
         for name in ("lr_decay_every", "checkpoint_every", "val_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        if self.max_train_seconds < 0:
+            raise ConfigError(f"--max-train-seconds must be 0 (no limit) or more, got {self.max_train_seconds}")
         if not 0 < self.lr_decay <= 1:
             raise ConfigError(f"--lr-decay must be in (0, 1], got {self.lr_decay}")
 
@@ -215,7 +218,7 @@ def meta_train(
     seg_start, seg_steps = time.perf_counter(), 0
     try:
         with _StopRequest() as stop, PeakMemory(device) as pm:
-            while step < s.steps:
+            while step < s.steps and not (s.max_train_seconds and train_seconds >= s.max_train_seconds):
                 t0 = time.perf_counter()
                 batch = source.sample_batch(gen, s.meta_batch).to(device, non_blocking=True)
                 try:
@@ -230,11 +233,13 @@ def meta_train(
                 seg_steps += 1
                 window.append(metrics)
                 bar.update(1)
-                if step % s.log_every == 0 or step == s.steps:
+                out_of_time = bool(s.max_train_seconds) and train_seconds >= s.max_train_seconds
+                if step % s.log_every == 0 or step == s.steps or out_of_time:
                     last = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
                     row: dict[str, Any] = {"step": step, **last, "lr": optimizer.param_groups[0]["lr"],
                                            "train_seconds": round(train_seconds, 3)}
-                    if s.val_every and val_source is not None and (step % s.val_every == 0 or step == s.steps):
+                    if s.val_every and val_source is not None and (step % s.val_every == 0 or step == s.steps
+                                                                   or out_of_time):
                         res = evaluate(learner, val_source, s.val_episodes, seed=s.seed + 1, device=device,
                                        progress=False)
                         learner.train()
