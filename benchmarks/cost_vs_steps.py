@@ -79,7 +79,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.meta_batch, args.iters)))
         return
-    from _machine import header, save
+    from _common import save
 
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "2147483647",
@@ -94,7 +94,7 @@ def main() -> None:
             print(f"{label:16s} {steps:3d} steps: {row['seconds_per_meta_iteration']:.3f} s/it, "
                   f"peak {row['peak_rss_mb']:.0f} MB (+{row['added_mb']:.0f} MB)", flush=True)
             rows.append(row)
-    payload = header(f"CPU, {args.iters} timed meta-iterations per point after one warm-up (medians)")
+    payload = {"budget": f"CPU, {args.iters} timed meta-iterations per point after one warm-up (medians)"}
     payload.update(setup={"ways": 5, "shots": 1, "queries_per_class": 5, "meta_batch": args.meta_batch,
                           "backbone": "conv4 28x28", "batching": "loop", "threads": 1,
                           "allocator": "MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=2147483647",

@@ -31,7 +31,7 @@ PAPER_K5 = {"maml": {1: 0.67, 5: 0.38, 10: 0.35}, "pretrain": {1: 2.41, 5: 2.23,
 
 
 def main() -> None:
-    from _machine import header, save
+    from _common import save
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=4000, help="meta-iterations of each model")
@@ -58,7 +58,7 @@ def main() -> None:
                                                        "adapt_ms": res["adapt_ms"]}
             print(f"{name}: {steps} steps: mse {res['mse']:.3f} ± {res['ci95']:.3f}", flush=True)
         learner.inner_steps = 1
-    payload = header(f"CPU, {args.steps} meta-iterations per model (the paper: 70,000)")
+    payload = {"budget": f"CPU, {args.steps} meta-iterations per model (the paper: 70,000)"}
     payload.update(setup={"shots": args.shots, "query_points": 100, "test_tasks": args.episodes, "meta_batch": 25,
                           "inner_lr": 0.01, "train_inner_steps": 1, "meta_lr": 1e-3, "model": "MLP 1-40-40-1",
                           "batching": args.batching},

@@ -131,7 +131,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.reps, args.tasks, args.queries)))
         return
-    from _machine import header, save
+    from _common import save
 
     src = str(Path(__file__).resolve().parents[1] / "src")
     settings = []
@@ -156,7 +156,7 @@ def main() -> None:
         s = r["seconds_per_meta_iteration"]
         r["speedup_vs_plain"] = {k: s["plain"] / s[k] for k in ("ours-loop", "ours-vmap")}
         r["speedup_best_vs_plain"] = s["plain"] / min(s["ours-loop"], s["ours-vmap"])
-    payload = header(f"{args.reps} timed meta-iterations per implementation and setting (medians)")
+    payload = {"budget": f"{args.reps} timed meta-iterations per implementation and setting (medians)"}
     payload.update(setup={"method": "MAML second order", "ways": 5, "shots": 1, "queries_per_class": args.queries,
                           "meta_batch": args.tasks, "inner_steps": 1, "inner_lr": 0.4, "backbone": "conv4 28x28",
                           "tuned_allocator_env": TUNED},

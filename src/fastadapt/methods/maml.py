@@ -117,7 +117,8 @@ class MAML(MetaLearner):
         "lr": 1e-3,
     }
     adapt_requires_grad = True
-    task_kind = "any"
+    # The default; each instance takes the kind of its task family (regression for sinusoids).
+    task_kind = "classification"
     head_only: bool = False
     learn_lrs: bool = False
 
