@@ -50,13 +50,14 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert (tmp_path / "b" / "learning_curve.png").is_file()
 
 
-def test_interrupt_checkpoints_between_steps_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_checkpoints_between_steps_and_resumes_exactly(tmp_path, signum):
     straight = tiny_learner()
     meta_train(straight, tiny_source(), settings(7), tmp_path / "a")
 
     def interrupt(row):
         if row["step"] == 3:  # as if Ctrl-C arrived during step 3
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
 
     learner = tiny_learner()
     with pytest.raises(KeyboardInterrupt):
@@ -111,3 +112,11 @@ def test_short_training_on_builtin_glyphs_beats_chance_by_far():
     assert after["accuracy"] > 60.0, after  # chance is 20%
     assert after["accuracy"] > before + 10.0
     assert after["adapt_ms"] > 0 and after["peak_mem_mb"] > 0
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    from fastadapt.errors import DataError
+
+    (tmp_path / CHECKPOINT).write_bytes(b"half a checkpoint")
+    with pytest.raises(DataError, match="cannot be read.*delete it"):
+        meta_train(tiny_learner(), tiny_source(), settings(2), tmp_path)
