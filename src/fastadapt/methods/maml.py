@@ -187,6 +187,8 @@ class MAML(MetaLearner):
         if ways is None or self.task_kind != "classification":
             return params
         prefix = "" if self.head_only else "head."
+        if prefix + "weight" not in params:  # not a BodyHead model: outputs are used as they are
+            return params
         out = params[prefix + "weight"].shape[0]
         if ways > out:
             raise ConfigError(f"the model was meta-trained with {out} ways and cannot adapt to {ways}; "
@@ -263,16 +265,15 @@ class MAML(MetaLearner):
         device = b.support_x.device
         times: dict[str, float] = {"loop": math.inf, "vmap": math.inf}
         metrics: dict[str, float] = {}
-        for m in ("vmap", "loop", "vmap", "loop"):
+        for m in ("vmap", "loop", "vmap", "loop"):  # the loop runs last: its gradients are kept
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
             try:
                 metrics = self._backward(b, m, step)
-            except FastAdaptError:
-                raise
-            except RuntimeError:  # a model vmap cannot batch: the loop always works
-                times["vmap"] = math.inf
+            except RuntimeError as exc:  # a model vmap cannot batch: the loop always works
+                if m != "vmap" or isinstance(exc, FastAdaptError):
+                    raise
                 continue
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
