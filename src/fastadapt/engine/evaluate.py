@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from ..progress import progress_bar
 
+from ..errors import ConfigError
 from ..methods.base import MetaLearner
 from .memory import PeakMemory
 from .stats import mean_ci95, median
@@ -35,8 +36,6 @@ def evaluate(
     pure function of ``seed``.
     """
     if episodes < 1:
-        from ..errors import ConfigError
-
         raise ConfigError(f"--episodes must be at least 1, got {episodes}")
     device = torch.device(device)
     regression = getattr(source, "kind", "classification") == "regression"
