@@ -10,11 +10,12 @@ Compared in the same process, on the same meta-batch, at the same gradients:
 
 Each setting (glibc allocator default or tuned, 1 or 2 torch threads) runs in a fresh process;
 also timed there: one ProtoNet 5-way 1-shot episode (forward + backward). Gradients of the three
-MAML implementations are compared (max relative difference). Images are random (speed does not
+MAML implementations are compared (relative difference of the whole gradient vector;
+``maml_grad_accuracy.py`` compares each with a float64 reference). Images are random (speed does not
 depend on their content); 5 queries per class (the CLI default).
 
     python benchmarks/maml_speed.py            # all settings, writes results/maml_speed.json + .png
-    python benchmarks/maml_speed.py --reps 3   # shorter
+    python benchmarks/maml_speed.py --reps 3 --threads 1   # shorter
 """
 
 from __future__ import annotations
