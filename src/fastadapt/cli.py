@@ -17,6 +17,7 @@ from . import methods as _methods  # noqa: F401  (registers methods)
 from . import models as _models  # noqa: F401  (registers backbones)
 from .config import DEFAULTS, check_same_run, default_run_dir, load_yaml, method_options, resolve, save_yaml
 from .data import build_task_source
+from .engine.allocator import tune_malloc
 from .engine.evaluate import evaluate, format_result
 from .engine.trainer import CHECKPOINT, TrainSettings, meta_train
 from .errors import ConfigError, FastAdaptError
@@ -221,6 +222,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Reuse freed tensor memory instead of unmapping it every iteration (see engine/allocator.py;
+    # a no-op off glibc or when MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are set).
+    tune_malloc()
     try:
         return args.handler(args)
     except FastAdaptError as exc:

@@ -2,5 +2,8 @@
 
 from .base import MetaLearner
 from .protonet import ProtoNet
+from .maml import ANIL, FOMAML, MAML, MetaSGD, Pretrained
+from .reptile import Reptile
+from .imaml import IMAML
 
-__all__ = ["MetaLearner", "ProtoNet"]
+__all__ = ["MetaLearner", "ProtoNet", "MAML", "FOMAML", "ANIL", "MetaSGD", "Pretrained", "Reptile", "IMAML"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._vmap import under_vmap
 from ..registry import BACKBONES
 
 
@@ -49,7 +50,7 @@ class Conv4(nn.Module):
             self.to(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.channels_last:
+        if self.channels_last and not under_vmap(x):  # vmap cannot query memory formats
             x = x.contiguous(memory_format=torch.channels_last)
         return self.encoder(x).flatten(1)
 

@@ -2,5 +2,6 @@
 
 from .episode import Episode
 from .sampler import ClassPool, EpisodeSampler
+from .sinusoid import SinusoidTasks
 
-__all__ = ["Episode", "ClassPool", "EpisodeSampler"]
+__all__ = ["Episode", "ClassPool", "EpisodeSampler", "SinusoidTasks"]

@@ -1,0 +1,76 @@
+"""MAML on Omniglot in the paper's settings (Finn et al. 2017, Table 1), in a training budget.
+
+Settings (``configs/maml_omniglot_*.yaml``): 5-way: 1 inner step of 0.4, meta-batch 32,
+evaluated with 3 inner steps; 20-way: 5 inner steps of 0.1, meta-batch 16, evaluated with 5.
+Each model trains for ``--budget`` seconds of wall clock (the paper: 60,000 meta-iterations),
+then is evaluated on test-class episodes with 15 queries per class, with the training and with the
+paper's number of inner steps.
+
+    python benchmarks/maml_omniglot.py --data-dir ../shared/data/omniglot --budget 900 --settings 5w1s
+
+Paper: 5w1s 98.7, 5w5s 99.9, 20w1s 95.8, 20w5s 98.9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from _common import save
+
+from fastadapt.cli import main as cli
+
+PAPER = {"5w1s": 98.7, "5w5s": 99.9, "20w1s": 95.8, "20w5s": 98.9}
+EVAL_STEPS = {"5": 3, "20": 5}
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def run(argv: list[str]) -> None:
+    code = cli(argv)
+    if code != 0:
+        sys.exit(f"fastadapt {' '.join(argv)} failed with exit code {code}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data-dir", default="../shared/data/omniglot")
+    ap.add_argument("--budget", type=float, default=900, help="training seconds per model")
+    ap.add_argument("--settings", default="5w1s,5w5s,20w1s,20w5s")
+    ap.add_argument("--episodes", type=int, default=200)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out-dir", default="runs/bench-maml-omniglot")
+    ap.add_argument("--name", default="maml_omniglot_cpu")
+    args = ap.parse_args()
+
+    results = {}
+    for setting in args.settings.split(","):
+        ways, shots = setting.rstrip("s").split("w")
+        run_dir = Path(args.out_dir) / f"maml-omni-{setting}"
+        run(["train", "maml", "--config", str(CONFIGS / f"maml_omniglot_{setting}.yaml"), "--data-dir", args.data_dir,
+             "--download", "--device", args.device, "--max-train-seconds", str(args.budget),
+             "--eval-episodes", str(args.episodes), "--log-every", "5", "--checkpoint-every", "50",
+             "--no-progress", "--out", str(run_dir)])
+        train_res = json.loads((run_dir / "results.json").read_text())
+        js = run_dir / "eval_paper_steps.json"
+        run(["eval", str(run_dir), "--inner-steps", str(EVAL_STEPS[ways]), "--ways", ways, "--shots", shots,
+             "--queries", "15", "--episodes", str(args.episodes), "--json", str(js), "--no-progress"])
+        ev = json.loads(js.read_text())
+        results[setting] = {
+            "paper": PAPER[setting],
+            "accuracy_train_inner_steps": round(train_res["accuracy"], 2), "ci95_train_inner_steps": round(train_res["ci95"], 2),
+            "eval_inner_steps": EVAL_STEPS[ways], "accuracy": round(ev["accuracy"], 2), "ci95": round(ev["ci95"], 2),
+            "meta_iterations": train_res["step"], "meta_train_seconds": round(train_res["meta_train_seconds"], 1),
+            "adapt_ms": round(ev["adapt_ms"], 2), "peak_mem_mb": round(ev["peak_mem_mb"], 1),
+            "train_peak_mem_mb": round(train_res["train_peak_mem_mb"], 1),
+        }
+        r = results[setting]
+        print(f"{setting}: {r['accuracy']:.2f} ± {r['ci95']:.2f} % with {r['eval_inner_steps']} steps after "
+              f"{r['meta_iterations']} meta-iterations (paper {r['paper']})", flush=True)
+    save(args.name, {"budget_seconds_per_model": args.budget, "device": args.device, "episodes": args.episodes,
+                     "threads": __import__("torch").get_num_threads(), "results": results})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""MAML 5-way 1-shot, meta-batch 32, Conv-4: seconds per meta-iteration side by side.
+
+Compared in the same process, on the same meta-batch, at the same gradients:
+
+* ``plain``: the usual per-task loop with ``torch.autograd.grad(create_graph=True)`` over a
+  hand-written functional Conv-4 (``F.conv2d``, ``F.batch_norm(training=True)``), task losses
+  summed and one ``backward`` (the way most MAML code does it);
+* ``ours-loop`` / ``ours-vmap``: fastadapt's MAML (one functional inner loop, ``torch.func``),
+  tasks run as a loop (backward per task) or under ``vmap``.
+
+Each setting (glibc allocator default or tuned, 1 or 2 torch threads) runs in a fresh process;
+also timed there: one ProtoNet 5-way 1-shot episode (forward + backward). Gradients of the three
+MAML implementations are compared (relative difference of the whole gradient vector;
+``maml_grad_accuracy.py`` compares each with a float64 reference). Images are random (speed does not
+depend on their content); 5 queries per class (the CLI default).
+
+    python benchmarks/maml_speed.py            # all settings, writes results/maml_speed.json + .png
+    python benchmarks/maml_speed.py --reps 3 --threads 1   # shorter
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+import torch.nn.functional as F
+
+TUNED = {"MALLOC_MMAP_THRESHOLD_": "2147483647", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
+
+
+def plain_forward(params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Conv-4 + linear head as most MAML code writes it: explicit functional layers."""
+    for i in range(4):
+        w, b, g, beta = params[4 * i: 4 * i + 4]
+        x = F.conv2d(x, w, b, padding=1)
+        x = F.batch_norm(x, None, None, g, beta, training=True)
+        x = F.max_pool2d(F.relu(x), 2)
+    return F.linear(x.flatten(1), params[16], params[17])
+
+
+def plain_maml_grads(params, batch, inner_lr, steps):
+    total = 0.0
+    for i in range(batch.num_tasks):
+        fast = params
+        for _ in range(steps):
+            loss = F.cross_entropy(plain_forward(fast, batch.support_x[i]), batch.support_y[i])
+            grads = torch.autograd.grad(loss, fast, create_graph=True)
+            fast = [p - inner_lr * g for p, g in zip(fast, grads)]
+        total = total + F.cross_entropy(plain_forward(fast, batch.query_x[i]), batch.query_y[i])
+    (total / batch.num_tasks).backward()
+    return [p.grad for p in params]
+
+
+def worker(reps: int, tasks: int, queries: int) -> dict:
+    from fastadapt.methods import MAML, ProtoNet
+    from fastadapt.models import Conv4
+    from fastadapt.tasks import Episode
+
+    torch.manual_seed(0)
+    ways, shots = 5, 1
+    g = torch.Generator().manual_seed(0)
+    batch = Episode(torch.rand(tasks, ways * shots, 1, 28, 28, generator=g),
+                    torch.arange(ways).repeat_interleave(shots).repeat(tasks, 1),
+                    torch.rand(tasks, ways * queries, 1, 28, 28, generator=g),
+                    torch.arange(ways).repeat_interleave(queries).repeat(tasks, 1))
+    learner = MAML.from_config({"ways": ways, "inner_steps": 1, "inner_lr": 0.4}, (1, 28, 28))
+    names = [n for n, _ in learner.model.named_parameters()]
+    # The plain model holds the same weights in plain (NCHW) tensors.
+    plain = [p.detach().clone().contiguous().requires_grad_() for p in learner.model.parameters()]
+
+    def run_plain():
+        for p in plain:
+            p.grad = None
+        return plain_maml_grads(plain, batch, 0.4, 1)
+
+    def run_ours(mode):
+        def f():
+            learner._backward(batch, mode, 0)
+            return [p.grad for p in learner.model.parameters()]
+        return f
+
+    impls = {"plain": run_plain, "ours-loop": run_ours("loop"), "ours-vmap": run_ours("vmap")}
+    grads = {k: [t.clone() for t in f()] for k, f in impls.items()}  # also the warm-up
+    ref = grads["plain"]
+
+    def rel(a, b):  # relative difference of the whole gradient vector
+        diff = sum(float(((x.double() - y.double()) ** 2).sum()) for x, y in zip(a, b)) ** 0.5
+        return diff / sum(float((y.double() ** 2).sum()) for y in b) ** 0.5
+
+    grad_check = {k: rel(v, ref) for k, v in grads.items() if k != "plain"}
+    grad_norm = {k: float(torch.sqrt(sum((t.double() ** 2).sum() for t in v))) for k, v in grads.items()}
+    times = {k: [] for k in impls}
+    for _ in range(reps):  # round robin, so load drifts hit every implementation alike
+        for k, f in impls.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+
+    proto = ProtoNet(Conv4(1, image_size=28))
+    ep = batch.task(0)
+    ep = Episode(ep.support_x, ep.support_y, batch.query_x[0], batch.query_y[0])
+    proto_times = []
+    for i in range(reps * 4 + 2):
+        t0 = time.perf_counter()
+        loss, _ = proto.meta_loss(Episode.stack([ep]))
+        loss.backward()
+        if i >= 2:
+            proto_times.append(time.perf_counter() - t0)
+    return {"seconds_per_meta_iteration": {k: statistics.median(v) for k, v in times.items()},
+            "all_seconds": times, "grad_max_rel_diff_vs_plain": grad_check, "grad_norm": grad_norm,
+            "protonet_episode_seconds": statistics.median(proto_times),
+            "param_names": names[:2] + ["..."]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--tasks", type=int, default=32)
+    ap.add_argument("--queries", type=int, default=5)
+    ap.add_argument("--threads", default="2,1")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.reps, args.tasks, args.queries)))
+        return
+    from _common import save
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    settings = []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        for alloc in ("default", "tuned"):
+            env = {k: v for k, v in os.environ.items() if k not in TUNED}
+            if alloc == "tuned":
+                env.update(TUNED)
+            env.update(OMP_NUM_THREADS=str(threads), PYTHONPATH=src + os.pathsep + env.get("PYTHONPATH", ""))
+            cmd = [sys.executable, __file__, "--worker", "--reps", str(args.reps), "--tasks", str(args.tasks),
+                   "--queries", str(args.queries)]
+            t0 = time.time()
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+            res = json.loads(out.strip().splitlines()[-1])
+            res.update(allocator=alloc, threads=threads, wall_seconds=round(time.time() - t0, 1))
+            s = res["seconds_per_meta_iteration"]
+            print(f"threads={threads} allocator={alloc}: plain {s['plain']:.3f} s, ours-loop {s['ours-loop']:.3f} s, "
+                  f"ours-vmap {s['ours-vmap']:.3f} s, protonet episode {res['protonet_episode_seconds'] * 1e3:.1f} ms; "
+                  f"grad rel diff {res['grad_max_rel_diff_vs_plain']}", flush=True)
+            settings.append(res)
+    for r in settings:
+        s = r["seconds_per_meta_iteration"]
+        r["speedup_vs_plain"] = {k: s["plain"] / s[k] for k in ("ours-loop", "ours-vmap")}
+        r["speedup_best_vs_plain"] = s["plain"] / min(s["ours-loop"], s["ours-vmap"])
+    payload = {"budget": f"{args.reps} timed meta-iterations per implementation and setting (medians)"}
+    payload.update(setup={"method": "MAML second order", "ways": 5, "shots": 1, "queries_per_class": args.queries,
+                          "meta_batch": args.tasks, "inner_steps": 1, "inner_lr": 0.4, "backbone": "conv4 28x28",
+                          "tuned_allocator_env": TUNED},
+                   settings=settings)
+    save("maml_speed", payload)
+    plot(settings)
+
+
+def plot(settings: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['threads']} thr\n{r['allocator']} malloc" for r in settings]
+    impls = ["plain", "ours-loop", "ours-vmap"]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    width = 0.27
+    for j, k in enumerate(impls):
+        ax.bar([i + (j - 1) * width for i in range(len(settings))],
+               [r["seconds_per_meta_iteration"][k] for r in settings], width, label=k)
+    ax.set_xticks(range(len(settings)))
+    ax.set_xticklabels(labels)
+    ax.set_ylabel("seconds per meta-iteration")
+    ax.set_title("MAML 5w1s, meta-batch 32, Conv-4 (CPU)")
+    ax.legend()
+    fig.tight_layout()
+    out = Path(__file__).resolve().parent / "results" / "maml_speed.png"
+    fig.savefig(out, dpi=90)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,395 @@
+"""MAML and its direct relatives, all on the functional inner loop of :mod:`.inner`.
+
+* ``maml``     Finn, Abbeel & Levine, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep
+               Networks", ICML 2017: k inner SGD steps, second-order meta-gradient.
+* ``fomaml``   the first-order approximation of the same paper (inner gradients are constants).
+* ``anil``     Raghu, Raghu, Bengio & Vinyals, "Rapid Learning or Feature Reuse?", ICLR 2020:
+               the inner loop adapts the head only; the body is meta-learned through it.
+* ``metasgd``  Li, Zhou, Chen & Li, "Meta-SGD: Learning to Learn Quickly for Few-Shot Learning",
+               2017: one learned inner learning rate per parameter entry.
+* ``pretrain`` the baseline of Finn et al.'s sinusoid experiment: one model trained on the pooled
+               tasks, fine-tuned at test time with the same inner loop.
+
+A meta-batch runs either as a loop over tasks (each task's graph is freed by its own backward
+pass, so peak memory is one task's) or under ``torch.func.vmap`` (one batched graph; much faster
+on a GPU). ``--batching auto`` chooses ``vmap`` on accelerators and ``loop`` on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..errors import ConfigError, FastAdaptError
+from ..models.conv4 import build_backbone
+from ..registry import DATASETS, METHODS
+from ..tasks.episode import Episode
+from .base import MetaLearner, check_finite
+from .inner import (
+    BATCHING_MODES,
+    InnerSGD,
+    Params,
+    check_inner_losses,
+    check_positive,
+    convert_batchnorm,
+    inner_loop,
+    map_tasks,
+    module_forward,
+    resolve_batching,
+)
+
+
+class BodyHead(nn.Module):
+    """``head(body(x))``: a backbone and a linear output layer (the part ANIL adapts)."""
+
+    def __init__(self, body: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+
+def task_kind_of(cfg: dict[str, Any]) -> str:
+    """``classification`` or ``regression``: from ``cfg['task_kind']`` when the caller set it,
+    else from the ``kind`` attribute of the registered dataset builder."""
+    kind = cfg.get("task_kind")
+    if kind:
+        return kind
+    name = cfg.get("dataset") or cfg.get("task")
+    if name and name in DATASETS:
+        return getattr(DATASETS.get(name), "kind", "classification")
+    return "classification"
+
+
+def build_model(cfg: dict[str, Any], in_shape: tuple[int, ...], kind: str) -> BodyHead:
+    """Backbone (``conv4`` for images, ``mlp`` for regression unless ``backbone`` says otherwise)
+    plus a linear head with ``ways`` outputs (classification) or ``in_shape``-independent 1 output."""
+    name = cfg.get("backbone", "auto")
+    if name == "auto":
+        name = "mlp" if kind == "regression" else "conv4"
+    body = build_backbone(name, in_shape)
+    out = int(cfg.get("out_dim", 1)) if kind == "regression" else int(cfg.get("ways", 5))
+    return BodyHead(body, nn.Linear(body.out_features, out))
+
+
+def _loss_and_score(kind: str) -> tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor, Tensor], Tensor]]:
+    if kind == "regression":
+        return F.mse_loss, lambda out, y: F.mse_loss(out, y)
+    return F.cross_entropy, lambda out, y: (out.argmax(-1) == y).to(out.dtype).mean()
+
+
+def _safe(name: str) -> str:
+    return name.replace(".", "__")
+
+
+@METHODS.register("maml")
+class MAML(MetaLearner):
+    """Model-Agnostic Meta-Learning (Finn, Abbeel & Levine, ICML 2017).
+
+    Meta-learns an initialisation ``theta`` such that ``inner_steps`` SGD steps of size
+    ``inner_lr`` on a task's support set give a low loss on its query set; the meta-gradient
+    differentiates through the inner steps (second order) unless ``first_order``.
+    ``grad_checkpoint`` recomputes each inner step in the backward pass (memory of one step's
+    activations instead of ``inner_steps``). BatchNorm layers use the statistics of the batch
+    they see (transductive, as in the paper); see :mod:`fastadapt.methods.inner`.
+
+    Shapes: a batch has ``support_x [T, S, *in_shape]``, ``support_y [T, S]`` (or ``[T, S, 1]``
+    for regression), likewise for the query set.
+    """
+
+    name = "maml"
+    options = {
+        "backbone": "auto",
+        "inner_steps": 1,
+        "inner_lr": 0.4,
+        "first_order": False,
+        "grad_checkpoint": False,
+        "batching": "auto",
+        "meta_batch": 32,
+        "lr": 1e-3,
+    }
+    adapt_requires_grad = True
+    # The default; each instance takes the kind of its task family (regression for sinusoids).
+    task_kind = "classification"
+    head_only: bool = False
+    learn_lrs: bool = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_steps: int = 1,
+        inner_lr: float = 0.4,
+        first_order: bool = False,
+        grad_checkpoint: bool = False,
+        batching: str = "auto",
+        task_kind: str = "classification",
+    ) -> None:
+        super().__init__()
+        self.inner_steps, self.inner_lr = inner_steps, inner_lr
+        self.first_order, self.grad_checkpoint, self.batching = bool(first_order), bool(grad_checkpoint), batching
+        self.task_kind = task_kind
+        self._check_options()
+        # Per-task batch statistics instead of running statistics (see the module docstring).
+        self.model = convert_batchnorm(model)
+        if self.head_only and not isinstance(self.model, BodyHead):
+            raise ConfigError(f"{self.name} adapts the head only and needs a BodyHead(body, head) model")
+        self._loss_fn, self._score_fn = _loss_and_score(task_kind)
+        if self.learn_lrs:
+            self.inner_lrs = nn.ParameterDict(
+                {_safe(k): nn.Parameter(torch.full_like(p.detach(), float(inner_lr))) for k, p in self._adapted().items()}
+            )
+
+    # ---------------------------------------------------------------- construction and checks
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], in_shape: tuple[int, ...]) -> "MAML":
+        opts = {**cls.options, **cfg}
+        kind = task_kind_of(cfg)
+        return cls(build_model(opts, in_shape, kind), **cls._init_kwargs(opts), task_kind=kind)
+
+    @classmethod
+    def _init_kwargs(cls, opts: dict[str, Any]) -> dict[str, Any]:
+        return {k: opts[k] for k in ("inner_steps", "inner_lr", "first_order", "grad_checkpoint", "batching")}
+
+    def _check_options(self) -> None:
+        check_positive("inner_steps", self.inner_steps, integer=True)
+        self.inner_steps = int(self.inner_steps)
+        check_positive("inner_lr", self.inner_lr)
+        if self.batching not in BATCHING_MODES:
+            raise ConfigError(f"--batching must be one of {', '.join(BATCHING_MODES)}, got '{self.batching}'")
+        if self.grad_checkpoint and self.first_order:
+            raise ConfigError("--grad-checkpoint only saves memory for second-order MAML; drop it or --first-order")
+        if self.grad_checkpoint and self.batching == "vmap":
+            raise ConfigError("--grad-checkpoint cannot run under vmap; use --batching loop (or auto)")
+        if self.task_kind not in ("classification", "regression"):
+            raise ConfigError(f"unknown task kind '{self.task_kind}'")
+
+    # ---------------------------------------------------------------- the per-task computation
+    def _inner_module(self) -> nn.Module:
+        return self.model.head if self.head_only else self.model
+
+    def _adapted(self, ways: int | None = None) -> Params:
+        """The parameters the inner loop adapts, by their name inside :meth:`_inner_module`.
+
+        With ``ways`` smaller than the head's outputs (a model meta-trained 20-way evaluated
+        5-way), the head is cut to its first ``ways`` rows, as if it had been built that size.
+        """
+        return self._cut_head(dict(self._inner_module().named_parameters()), ways)
+
+    def _cut_head(self, params: Params, ways: int | None) -> Params:
+        if ways is None or self.task_kind != "classification":
+            return params
+        prefix = "" if self.head_only else "head."
+        if prefix + "weight" not in params:  # not a BodyHead model: outputs are used as they are
+            return params
+        out = params[prefix + "weight"].shape[0]
+        if ways > out:
+            raise ConfigError(f"the model was meta-trained with {out} ways and cannot adapt to {ways}; "
+                              f"evaluate with --ways {out} or fewer")
+        if ways == out:
+            return params
+        return {k: (v[:ways] if k in (prefix + "weight", prefix + "bias") else v) for k, v in params.items()}
+
+    def _features(self, x: Tensor) -> Tensor:
+        # ANIL: the body is not adapted, so its features are computed once per set, not per step.
+        return self.model.body(x) if self.head_only else x
+
+    def _inner_optimizer(self, ways: int | None = None) -> Any:
+        if self.learn_lrs:
+            return InnerSGD(self._cut_head({k: self.inner_lrs[_safe(k)] for k in self._adapted()}, ways))
+        return InnerSGD(self.inner_lr)
+
+    def _fit(self, support_x: Tensor, support_y: Tensor, differentiable: bool,
+             ways: int | None = None) -> tuple[Params, Tensor]:
+        """Adapt to one task: the single inner loop shared by training and evaluation."""
+        return inner_loop(
+            module_forward(self._inner_module()),
+            self._loss_fn,
+            self._adapted(ways),
+            self._features(support_x),
+            support_y,
+            self.inner_steps,
+            self._inner_optimizer(ways),
+            differentiable=differentiable,
+            checkpoint=self.grad_checkpoint and differentiable,
+        )
+
+    def _outputs(self, params: Params, x: Tensor) -> Tensor:
+        return functional_call(self._inner_module(), params, (self._features(x),))
+
+    def _task(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Query loss after adaptation (differentiable w.r.t. the meta-parameters), inner losses
+        ``[steps]`` and the query score (accuracy or MSE), for one task."""
+        fast, inner_losses = self._fit(sx, sy, differentiable=not self.first_order)
+        out = self._outputs(fast, qx)
+        return self._loss_fn(out, qy), inner_losses, self._score_fn(out.detach(), qy)
+
+    def _mode(self, batch: Episode) -> str:
+        """The batching of ``batch``: forced by ``batching``, else the one timed fastest for its
+        shapes (see :meth:`_choose_mode`), else ``vmap`` on accelerators and ``loop`` on the CPU."""
+        forced_loop = self.grad_checkpoint and not self.first_order
+        mode = resolve_batching(self.batching, batch.support_x.device, forced_loop)
+        if self.batching == "auto" and not forced_loop:
+            return self._tuned.get(self._shape_key(batch), mode)
+        return mode
+
+    def _metrics(self, loss: Tensor, score: Tensor) -> dict[str, float]:
+        key = "mse" if self.task_kind == "regression" else "acc"
+        return {"loss": float(loss.detach()), key: float(score.mean())}
+
+    @staticmethod
+    def _shape_key(b: Episode) -> tuple:
+        return (b.support_x.device.type, tuple(b.support_x.shape), tuple(b.query_x.shape))
+
+    @property
+    def _tuned(self) -> dict[tuple, str]:
+        if "_tuned_modes" not in self.__dict__:
+            self.__dict__["_tuned_modes"] = {}
+        return self.__dict__["_tuned_modes"]
+
+    def _choose_mode(self, b: Episode, step: int) -> tuple[str, dict[str, float]]:
+        """With ``batching=auto``, the first meta-batch of each shape is computed both ways
+        (twice, alternating) and the faster way is kept; the gradients of the last run are left
+        in ``.grad``, so no step is wasted. Returns the mode and the metrics of that run."""
+        mode = self._mode(b)
+        key = self._shape_key(b)
+        if self.batching != "auto" or (self.grad_checkpoint and not self.first_order) or key in self._tuned:
+            return mode, self._backward(b, mode, step)
+        device = b.support_x.device
+        times: dict[str, float] = {"loop": math.inf, "vmap": math.inf}
+        metrics: dict[str, float] = {}
+        for m in ("vmap", "loop", "vmap", "loop"):  # the loop runs last: its gradients are kept
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            try:
+                metrics = self._backward(b, m, step)
+            except RuntimeError as exc:  # a model vmap cannot batch: the loop always works
+                if m != "vmap" or isinstance(exc, FastAdaptError):
+                    raise
+                continue
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[m] = min(times[m], time.perf_counter() - t0)
+        self._tuned[key] = min(times, key=times.get)
+        return self._tuned[key], metrics
+
+    def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, float]]:
+        b = batch if batch.batched else Episode.stack([batch])
+        return self._meta_loss(b, self._mode(b))
+
+    def _meta_loss(self, b: Episode, mode: str) -> tuple[Tensor, dict[str, float]]:
+        losses, inner, score = map_tasks(self._task, mode, b.support_x, b.support_y, b.query_x, b.query_y)
+        check_inner_losses(inner, "meta-training")
+        loss = losses.mean()
+        return loss, self._metrics(loss, score)
+
+    #: Loop mode runs backward task by task (one task's graph alive at a time); methods whose
+    #: meta-loss holds no graph across tasks (Reptile, iMAML) use :meth:`meta_loss` in both modes.
+    per_task_backward: bool = True
+
+    def _backward(self, b: Episode, mode: str, step: int) -> dict[str, float]:
+        """Zero the gradients and fill them with the meta-gradient of ``b``; nothing is updated.
+        Raises before any backward pass contributes if an inner or outer loss is not finite."""
+        for p in self.parameters():
+            p.grad = None
+        if mode == "vmap" or not self.per_task_backward:
+            loss, metrics = self._meta_loss(b, mode)
+            check_finite(loss, f"meta-training step {step}")
+            loss.backward()
+            return metrics
+        n = b.num_tasks
+        losses, inners, scores = [], [], []
+        for i in range(n):
+            loss, inner, score = self._task(b.support_x[i], b.support_y[i], b.query_x[i], b.query_y[i])
+            inners.append(inner)
+            if not (torch.isfinite(inner).all() and torch.isfinite(loss)):
+                break  # reported below, before the weights change
+            (loss / n).backward()
+            losses.append(loss.detach())
+            scores.append(score)
+        check_inner_losses(torch.stack(inners), f"meta-training step {step}")
+        if len(losses) < n:
+            for p in self.parameters():
+                p.grad = None
+            check_finite(loss, f"meta-training step {step}, task {len(losses)}")
+        total = torch.stack(losses).mean()
+        return self._metrics(total, torch.stack(scores))
+
+    def train_step(self, batch: Episode, optimizer: torch.optim.Optimizer, step: int = 0) -> dict[str, float]:
+        b = batch if batch.batched else Episode.stack([batch])
+        _, metrics = self._choose_mode(b, step)
+        optimizer.step()
+        return metrics
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> Params:
+        ways = int(support_y.max()) + 1 if self.task_kind == "classification" else None
+        with torch.enable_grad():
+            fast, inner = self._fit(support_x, support_y, differentiable=False, ways=ways)
+        check_inner_losses(inner[None], "adaptation")
+        return {k: v.detach() for k, v in fast.items()}
+
+    def predict(self, adapted: Params, x: Tensor) -> Tensor:
+        return self._outputs(adapted, x)
+
+    def parameter_groups(self) -> list[dict[str, Any]] | None:
+        if not self.learn_lrs:
+            return None
+        lrs = set(id(p) for p in self.inner_lrs.parameters())
+        return [
+            {"params": [p for p in self.parameters() if id(p) not in lrs]},
+            {"params": list(self.inner_lrs.parameters())},
+        ]
+
+
+@METHODS.register("fomaml")
+class FOMAML(MAML):
+    """First-order MAML (Finn, Abbeel & Levine, ICML 2017, Sec. 5.2): the meta-gradient is the
+    query-loss gradient at the adapted parameters, ``mean_i grad L_q(phi_i)``; no second-order
+    graph is kept, so memory and time per step are close to plain training."""
+
+    name = "fomaml"
+    options = {**MAML.options, "first_order": True}
+
+
+@METHODS.register("anil")
+class ANIL(MAML):
+    """Almost No Inner Loop (Raghu, Raghu, Bengio & Vinyals, ICLR 2020): the inner loop adapts
+    only the linear head; the body is meta-learned through it. Body features are computed once
+    per support/query set, so an inner step costs a linear layer, not a backbone pass."""
+
+    name = "anil"
+    head_only = True
+
+
+@METHODS.register("metasgd")
+class MetaSGD(MAML):
+    """Meta-SGD (Li, Zhou, Chen & Li, 2017): the inner step is ``theta - alpha * grad`` with
+    ``alpha`` a learned tensor of the parameters' shape (initialised to ``inner_lr``), meta-learned
+    together with ``theta``."""
+
+    name = "metasgd"
+    learn_lrs = True
+
+
+@METHODS.register("pretrain")
+class Pretrained(MAML):
+    """The joint-training baseline of Finn et al. (2017, Sec. 5.1): one model fitted to the pooled
+    support and query points of all training tasks (no inner loop while training), then
+    fine-tuned on a new task's support set by the same inner loop MAML uses."""
+
+    name = "pretrain"
+    options = {**MAML.options, "first_order": True}
+
+    def _task(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        params = self._adapted()
+        out = self._outputs(params, torch.cat([sx, qx]))
+        y = torch.cat([sy, qy])
+        return self._loss_fn(out, y), torch.zeros(0, device=sx.device), self._score_fn(out.detach(), y)
