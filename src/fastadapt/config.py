@@ -27,7 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "ways": 10,
     "shots": 5,
     "queries": 5,
-    "steps": 300,
+    "steps": 500,
     "meta_batch": 1,
     "lr": 1e-3,
     "lr_decay_every": 2000,
