@@ -14,6 +14,25 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def run_cli(argv: list[str]) -> None:
+    """Run one ``fastadapt`` command in this process; exit with its message if it fails."""
+    from fastadapt.cli import main as cli
+
+    code = cli(argv)
+    if code != 0:
+        sys.exit(f"fastadapt {' '.join(argv)} failed with exit code {code}")
+
+
+def save_figure(fig: Any, name: str) -> Path:
+    """Save a matplotlib figure as ``benchmarks/results/<name>.png``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{name}.png"
+    fig.savefig(out, dpi=90)
+    print(f"wrote {out}")
+    return out
 
 
 def machine() -> dict[str, Any]:

@@ -127,9 +127,9 @@ def plot(rows: list[dict]) -> None:
     a.legend()
     fig.suptitle("cost vs inner steps (CPU, 5w1s, Conv-4)")
     fig.tight_layout()
-    out = Path(__file__).resolve().parent / "results" / "cost_vs_steps.png"
-    fig.savefig(out, dpi=90)
-    print(f"wrote {out}")
+    from _common import save_figure
+
+    save_figure(fig, "cost_vs_steps")
 
 
 if __name__ == "__main__":

@@ -15,22 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from _common import save
-
-from fastadapt.cli import main as cli
+from _common import CONFIGS, run_cli as run, save
 
 PAPER = {"5w1s": 98.7, "5w5s": 99.9, "20w1s": 95.8, "20w5s": 98.9}
 EVAL_STEPS = {"5": 3, "20": 5}
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def run(argv: list[str]) -> None:
-    code = cli(argv)
-    if code != 0:
-        sys.exit(f"fastadapt {' '.join(argv)} failed with exit code {code}")
 
 
 def main() -> None:

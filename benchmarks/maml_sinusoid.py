@@ -13,7 +13,6 @@ Paper (K = 5, 70,000 meta-iterations): MAML 0.67 / 0.38 / 0.35, pre-trained 2.41
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path

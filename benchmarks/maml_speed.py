@@ -185,9 +185,9 @@ def plot(settings: list[dict]) -> None:
     ax.set_title("MAML 5w1s, meta-batch 32, Conv-4 (CPU)")
     ax.legend()
     fig.tight_layout()
-    out = Path(__file__).resolve().parent / "results" / "maml_speed.png"
-    fig.savefig(out, dpi=90)
-    print(f"wrote {out}")
+    from _common import save_figure
+
+    save_figure(fig, "maml_speed")
 
 
 if __name__ == "__main__":

@@ -13,21 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from _common import save
-
-from fastadapt.cli import main as cli
+from _common import CONFIGS, run_cli as run, save
 
 PAPER = {"5w1s": 98.8, "5w5s": 99.7, "20w1s": 96.0, "20w5s": 98.9}
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def run(argv: list[str]) -> None:
-    code = cli(argv)
-    if code != 0:
-        sys.exit(f"fastadapt {' '.join(argv)} failed with exit code {code}")
 
 
 def main() -> None:
