@@ -167,7 +167,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                              progress=progress)
     result = meta_train(learner, source, settings, run_dir, val_source)
     print(f"meta-training: {result.step} iterations, {result.train_seconds:.1f} s in all "
-          f"({result.episodes_per_s:.1f} episodes/s this session), peak memory {result.peak_mem_mb:.0f} MB",
+          f"({result.episodes_per_s:.1f} episodes/s in this invocation), peak memory {result.peak_mem_mb:.0f} MB",
           flush=True)
     res = evaluate(learner, test_source, ev["episodes"], seed=0, device=cfg["device"], progress=progress,
                    desc="test")
