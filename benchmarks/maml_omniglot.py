@@ -17,6 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from _common import CONFIGS, run_cli as run, save
 
 PAPER = {"5w1s": 98.7, "5w5s": 99.9, "20w1s": 95.8, "20w5s": 98.9}
@@ -58,8 +60,9 @@ def main() -> None:
         r = results[setting]
         print(f"{setting}: {r['accuracy']:.2f} ± {r['ci95']:.2f} % with {r['eval_inner_steps']} steps after "
               f"{r['meta_iterations']} meta-iterations (paper {r['paper']})", flush=True)
-    save(args.name, {"budget_seconds_per_model": args.budget, "device": args.device, "episodes": args.episodes,
-                     "threads": __import__("torch").get_num_threads(), "results": results})
+        # Saved after every setting, so a long run stopped part-way keeps what it finished.
+        save(args.name, {"budget_seconds_per_model": args.budget, "device": args.device, "episodes": args.episodes,
+                         "threads": torch.get_num_threads(), "results": results})
 
 
 if __name__ == "__main__":
