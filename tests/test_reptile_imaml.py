@@ -41,10 +41,14 @@ def test_reptile_update_equals_the_formula(inner_optim, batching):
 
 
 def test_reptile_anneals_the_outer_step_linearly():
-    learner = Reptile(tiny_model(), outer_lr=1.0, anneal=True, total_steps=100)
-    assert learner.outer_step_size(0) == 1.0
-    assert learner.outer_step_size(25) == pytest.approx(0.75)
-    assert learner.outer_step_size(100) == 0.0
+    # As the reference code: frac_done = i / n for i = 0..n-1, so the last step is not wasted.
+    learner = Reptile(tiny_model(), outer_lr=1.0, anneal=True, anneal_steps=100)
+    assert learner.outer_step_size(1) == 1.0
+    assert learner.outer_step_size(26) == pytest.approx(0.75)
+    assert learner.outer_step_size(100) == pytest.approx(0.01)
+    # Past the horizon (a run extended on resume) the step size keeps its last value.
+    betas = [learner.outer_step_size(t) for t in range(1, 201)]
+    assert all(b1 >= b2 for b1, b2 in zip(betas, betas[1:])) and min(betas) == pytest.approx(0.01)
 
 
 def test_conjugate_gradient_solves_a_spd_system():

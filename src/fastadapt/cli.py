@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,37 +16,113 @@ from . import __version__
 from . import data as _data  # noqa: F401  (registers datasets)
 from . import methods as _methods  # noqa: F401  (registers methods)
 from . import models as _models  # noqa: F401  (registers backbones)
-from .config import DEFAULTS, check_same_run, default_run_dir, load_yaml, method_options, resolve, save_yaml
+from .config import (DEFAULTS, adopt_run_decisions, check_same_run, default_run_dir, load_yaml, method_defaults,
+                     method_options, resolve, save_yaml, validate)
 from .data import build_task_source
 from .engine.allocator import tune_malloc
 from .engine.evaluate import evaluate, format_result
-from .engine.trainer import CHECKPOINT, TrainSettings, meta_train
-from .errors import ConfigError, FastAdaptError
-from .io import atomic_write_text, load_checkpoint
+from .engine.threads import cost_context, set_threads
+from .engine.trainer import CHECKPOINT, RunInterrupted, TrainSettings, meta_train
+from .errors import ConfigError, FastAdaptError, UnknownNameError
+from .io import atomic_write_text, load_checkpoint_with_fallback, previous_checkpoint
 from .registry import BACKBONES, DATASETS, METHODS
 from .tta.cli import add_tta_parser
 
 TRAIN_KEYS = ("dataset", "data_dir", "download", "image_size", "train_split", "ways", "shots", "queries", "steps",
               "meta_batch", "lr", "lr_decay_every", "lr_decay", "weight_decay", "seed", "device",
-              "checkpoint_every", "log_every", "val_every", "val_episodes", "max_train_seconds")
+              "checkpoint_every", "log_every", "val_every", "val_episodes", "max_train_seconds", "threads")
+EVAL_KEYS = ("ways", "shots", "queries", "episodes")
 
 
 def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def _add_method_options(p: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
-    """One flag per method option of any registered method (types from the defaults)."""
-    g = p.add_argument_group("method options (each method reads its own; see README)")
-    for key, default in method_options().items():
-        if key in skip or key in DEFAULTS:
-            continue
-        if isinstance(default, bool):
-            g.add_argument(_flag(key), dest=key, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"(default {default})")
-        else:
-            typ = type(default) if default is not None else str
-            g.add_argument(_flag(key), dest=key, type=typ, default=None, help=f"(default {default})")
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _defaults_text(key: str, base: dict[str, Any], by_dataset: dict[str, dict[str, Any]]) -> str:
+    """``(default 0.4; sinusoid: 0.01)``: the method's default and where a task family changes it."""
+    get = (lambda c: c["eval"][key[5:]]) if key.startswith("eval_") else (lambda c: c.get(key))
+    text = f"default {_fmt(get(base))}"
+    others = [f"{ds}: {_fmt(get(c))}" for ds, c in by_dataset.items() if get(c) != get(base)]
+    return f"({text}{'; ' + ', '.join(others) if others else ''})"
+
+
+CORE_HELP: dict[str, tuple[dict[str, Any], str]] = {
+    "dataset": ({}, "dataset or task family: {datasets}"),
+    "data_dir": ({}, "dataset folder (Omniglot: holds images_background/ and images_evaluation/)"),
+    "image_size": ({"type": int}, "resize images to this side"),
+    "train_split": ({"choices": ["train", "trainval"]}, "classes to meta-train on"),
+    "ways": ({"type": int}, "classes per training episode"),
+    "shots": ({"type": int}, "support examples per class (sinusoid: support points)"),
+    "queries": ({"type": int}, "query examples per class"),
+    "steps": ({"type": int}, "meta-iterations (a larger value extends a finished run)"),
+    "meta_batch": ({"type": int}, "tasks per meta-iteration"),
+    "lr": ({"type": float}, "meta learning rate (Adam)"),
+    "lr_decay_every": ({"type": int}, "multiply the rate by --lr-decay every N iterations; 0: constant"),
+    "lr_decay": ({"type": float}, "learning-rate decay factor"),
+    "weight_decay": ({"type": float}, "Adam weight decay"),
+    "seed": ({"type": int}, "seed of the episode stream and the initial weights"),
+    "device": ({}, "cpu or cuda"),
+    "checkpoint_every": ({"type": int}, "iterations between checkpoints (0: only at the end and on stop)"),
+    "log_every": ({"type": int}, "iterations between metrics-log lines"),
+    "val_every": ({"type": int}, "validate every N iterations (0: never)"),
+    "val_episodes": ({"type": int}, "episodes per validation"),
+    "max_train_seconds": ({"type": float}, "time budget: stop training (checkpointed) after this many seconds; 0: none"),
+    "threads": ({"type": int}, "CPU threads (0: one per core); recorded with every cost figure"),
+    "eval_ways": ({"type": int}, "ways of the final test evaluation"),
+    "eval_shots": ({"type": int}, "shots of the final test evaluation"),
+    "eval_queries": ({"type": int}, "queries per class of the final test evaluation"),
+    "eval_episodes": ({"type": int}, "episodes of the final test evaluation"),
+}
+
+
+def _add_method_parser(methods: Any, name: str) -> None:
+    """``fastadapt train NAME``: the core options and this method's own, with its real defaults."""
+    cls = METHODS.get(name)
+    doc = (cls.__doc__ or "").strip()
+    summary = doc.split("\n")[0].rstrip(".")
+    base = resolve(name, {}, {})
+    by_dataset = {}
+    for ds in DATASETS.names():
+        if ds != base["dataset"]:
+            try:
+                by_dataset[ds] = resolve(name, {}, {"dataset": ds})
+            except FastAdaptError:
+                continue
+    m = methods.add_parser(name, help=summary, description=doc.replace("%", "%%"),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("--config", help="YAML preset (see configs/); flags override it")
+    core = m.add_argument_group("run options")
+    for key, (kwargs, text) in CORE_HELP.items():
+        text = text.format(datasets=", ".join(DATASETS.names()))
+        core.add_argument(_flag(key), dest=key, default=None, help=f"{text} {_defaults_text(key, base, by_dataset)}",
+                          **kwargs)
+        if key == "dataset":
+            core.add_argument("--task", dest="dataset", help="alias of --dataset (e.g. --task sinusoid)")
+    core.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
+                      help="download missing datasets (default yes)")
+    core.add_argument("--out", help="run directory (default runs/METHOD-DATASET-WAYSwSHOTSs-seedSEED)")
+    core.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
+    own = [k for k in cls.options if k not in DEFAULTS]
+    if own:
+        g = m.add_argument_group(f"{name} options")
+        for key in own:
+            _add_option(g, key, cls.options[key], _defaults_text(key, base, by_dataset))
+    m.set_defaults(handler=cmd_train)
+
+
+def _add_option(group: Any, key: str, default: Any, default_text: str) -> None:
+    if isinstance(default, bool):
+        group.add_argument(_flag(key), dest=key, action=argparse.BooleanOptionalAction, default=None,
+                           help=default_text)
+    else:
+        group.add_argument(_flag(key), dest=key, type=type(default) if default is not None else str, default=None,
+                           help=default_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,68 +136,55 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="meta-train a method, then evaluate it on the test split",
                        description="Meta-train METHOD on episodes of --dataset, checkpointing into --out "
                                    "(re-running the same command resumes an interrupted run), then evaluate "
-                                   "on unseen test classes.")
-    t.add_argument("method", help=f"one of: {', '.join(METHODS.names())}")
-    t.add_argument("--config", help="YAML preset (see configs/); flags override it")
-    t.add_argument("--dataset", help=f"one of: {', '.join(DATASETS.names())} (default builtin: no download)")
-    t.add_argument("--task", dest="dataset", help="alias of --dataset (e.g. --task sinusoid)")
-    t.add_argument("--data-dir", help="dataset folder (Omniglot: holds images_background/ and images_evaluation/)")
-    t.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
-                   help="download missing datasets (default: yes)")
-    t.add_argument("--image-size", type=int, help="resize images to this side (default: the dataset's)")
-    t.add_argument("--train-split", choices=["train", "trainval"], help="classes to meta-train on (default train)")
-    t.add_argument("--ways", type=int, help="classes per training episode")
-    t.add_argument("--shots", type=int, help="support examples per class")
-    t.add_argument("--queries", type=int, help="query examples per class")
-    t.add_argument("--steps", type=int, help="meta-iterations (a larger value extends a finished run)")
-    t.add_argument("--meta-batch", type=int, help="tasks per meta-iteration")
-    t.add_argument("--lr", type=float, help="meta learning rate (Adam)")
-    t.add_argument("--lr-decay-every", type=int, help="halve (x --lr-decay) the rate every N iterations; 0: never")
-    t.add_argument("--lr-decay", type=float, help="learning-rate decay factor")
-    t.add_argument("--weight-decay", type=float)
-    t.add_argument("--seed", type=int)
-    t.add_argument("--device", help="cpu or cuda")
-    t.add_argument("--checkpoint-every", type=int, help="iterations between checkpoints")
-    t.add_argument("--log-every", type=int, help="iterations between metrics-log lines")
-    t.add_argument("--val-every", type=int, help="validate every N iterations (0: never)")
-    t.add_argument("--val-episodes", type=int)
-    t.add_argument("--max-train-seconds", type=float,
-                   help="time budget: stop training (checkpointed) after this many seconds; 0: none")
-    t.add_argument("--eval-ways", type=int, help="ways of the final test evaluation")
-    t.add_argument("--eval-shots", type=int)
-    t.add_argument("--eval-queries", type=int)
-    t.add_argument("--eval-episodes", type=int)
-    t.add_argument("--out", help="run directory (default runs/METHOD-DATASET-WAYSwSHOTSs-seedSEED)")
-    t.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    _add_method_options(t)
-    t.set_defaults(handler=cmd_train)
+                                   "on unseen test classes. 'fastadapt train METHOD --help' lists the options "
+                                   "of METHOD with its defaults.")
+    methods = t.add_subparsers(dest="method", metavar="METHOD", required=True)
+    for name in METHODS.names():
+        _add_method_parser(methods, name)
 
     e = sub.add_parser("eval", help="evaluate a trained run on unseen classes",
                        description="Adapt the learner of RUN_DIR to test episodes and print accuracy (or MSE) "
-                                   "± 95%% CI with the adaptation time, meta-training time and peak memory.")
+                                   "± 95% CI with the adaptation time, meta-training time and peak memory. "
+                                   "Every option defaults to the run's own value (its config.yaml).")
     e.add_argument("run_dir")
-    e.add_argument("--ways", type=int)
-    e.add_argument("--shots", type=int)
-    e.add_argument("--queries", type=int)
-    e.add_argument("--episodes", type=int)
+    run_value = "(default: the run's value)"
+    e.add_argument("--ways", type=int, help=f"classes per test episode {run_value}")
+    e.add_argument("--shots", type=int, help=f"support examples per class {run_value}")
+    e.add_argument("--queries", type=int, help=f"query examples per class {run_value}")
+    e.add_argument("--episodes", type=int, help=f"test episodes {run_value}")
     e.add_argument("--seed", type=int, default=0, help="seed of the evaluation episodes (default 0)")
-    e.add_argument("--split", default="test", choices=["train", "val", "test"])
-    e.add_argument("--data-dir", help="where the dataset is now, if it moved")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"], help="(default test)")
+    e.add_argument("--data-dir", help="where the dataset is now, if it moved (default: the run's)")
     e.add_argument("--device", help="cpu or cuda (default: the run's)")
+    e.add_argument("--threads", type=int, help="CPU threads (default 0: one per core)")
     e.add_argument("--json", help="also write the results to this JSON file")
     e.add_argument("--no-progress", action="store_true")
-    _add_method_options(e)
+    g = e.add_argument_group("method options (each method reads its own)")
+    for key, default in method_options().items():
+        if key not in DEFAULTS:
+            _add_option(g, key, default, run_value)
     e.set_defaults(handler=cmd_eval)
 
     ls = sub.add_parser("list", help="list the registered methods, datasets and backbones")
     ls.set_defaults(handler=cmd_list)
 
-    add_tta_parser(sub)
+    tta = add_tta_parser(sub)
+    for leaf in _subcommands(tta):
+        if not any("--threads" in a.option_strings for a in leaf._actions):
+            leaf.add_argument("--threads", type=int, help="CPU threads (default 0: one per core)")
     return parser
 
 
-def _method_flags(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in method_options() if k not in DEFAULTS and getattr(args, k, None) is not None}
+def _subcommands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            out.extend(action.choices.values())
+    return out
+
+
+def _method_flags(args: argparse.Namespace, keys: Any) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in keys if k not in DEFAULTS and getattr(args, k, None) is not None}
 
 
 def _check_device(device: str) -> None:
@@ -132,39 +196,63 @@ def _check_device(device: str) -> None:
         raise ConfigError("--device cuda was asked for but no CUDA device is available; use --device cpu")
 
 
+def _eval_source(data_cfg: dict[str, Any], split: str, ev: dict[str, Any]) -> Any:
+    """The task source of the final evaluation; a size error names the --eval-* flag to change."""
+    try:
+        return build_task_source(data_cfg, split, ev["ways"], ev["shots"], ev["queries"])
+    except ConfigError as exc:
+        raise ConfigError(re.sub(r"--(ways|shots|queries)\b", r"--eval-\1", str(exc))) from None
+
+
+def _setting(c: dict[str, Any], regression: bool) -> str:
+    if regression:
+        return f"{c['shots']}-shot regression, {c['queries']} query points"
+    return f"{c['ways']}-way {c['shots']}-shot, {c['queries']} queries per class"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     preset = load_yaml(args.config) if args.config else {}
+    cls = METHODS.get(args.method)
     flags: dict[str, Any] = {k: getattr(args, k) for k in TRAIN_KEYS}
-    flags.update(_method_flags(args))
-    ev = {k: getattr(args, f"eval_{k}") for k in ("ways", "shots", "queries", "episodes")}
+    flags.update(_method_flags(args, cls.options))
+    ev = {k: getattr(args, f"eval_{k}") for k in EVAL_KEYS}
     flags["eval"] = {k: v for k, v in ev.items() if v is not None} or None
     cfg = resolve(args.method, preset, flags)
     _check_device(cfg["device"])
     progress = not args.no_progress
     run_dir = Path(args.out) if args.out else default_run_dir(cfg)
-    if (run_dir / "config.yaml").is_file():
-        check_same_run(yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, cfg, run_dir)
-
-    data_cfg = {**cfg, "progress": progress}
-    torch.manual_seed(cfg["seed"])
-    source = build_task_source(data_cfg, "train", cfg["ways"], cfg["shots"], cfg["queries"])
-    ev = cfg["eval"]
-    test_source = build_task_source(data_cfg, "test", ev["ways"], ev["shots"], ev["queries"])
-    val_source = (build_task_source(data_cfg, "val", ev["ways"], ev["shots"], ev["queries"])
-                  if cfg["val_every"] else None)
-    learner = METHODS.get(cfg["method"]).from_config(cfg, source.in_shape)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", save_yaml(cfg))
-
-    resuming = (run_dir / CHECKPOINT).is_file()
-    print(f"{'resuming' if resuming else 'training'} {cfg['method']} on {cfg['dataset']} "
-          f"({cfg['ways']}-way {cfg['shots']}-shot, {cfg['queries']} queries, {cfg['steps']} iterations) "
-          f"-> {run_dir}", flush=True)
+    resuming = (run_dir / CHECKPOINT).is_file() or previous_checkpoint(run_dir / CHECKPOINT).is_file()
+    saved = _saved_config(run_dir) if resuming else None
+    if saved is not None:
+        adopt_run_decisions(saved, cfg)
+    cfg.update(cls.resolve_run_options(cfg))
+    if saved is not None:
+        check_same_run(saved, cfg, run_dir)
     settings = TrainSettings(**{k: cfg[k] for k in ("steps", "meta_batch", "lr", "lr_decay_every", "lr_decay",
                                                      "weight_decay", "seed", "device", "checkpoint_every",
                                                      "log_every", "val_every", "val_episodes",
                                                      "max_train_seconds")},
                              progress=progress)
+    settings.check()
+
+    # Everything is checked before anything is written: a refused command leaves no trace.
+    data_cfg = {**cfg, "progress": progress}
+    torch.manual_seed(cfg["seed"])
+    source = build_task_source(data_cfg, "train", cfg["ways"], cfg["shots"], cfg["queries"])
+    ev = cfg["eval"]
+    test_source = _eval_source(data_cfg, "test", ev)
+    val_source = _eval_source(data_cfg, "val", ev) if cfg["val_every"] else None
+    learner = cls.from_config(cfg, source.in_shape)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", save_yaml(cfg))
+
+    regression = getattr(source, "kind", "classification") == "regression"
+    extra = [f"batching {cfg['batching']}"] if "batching" in cfg else []
+    print(f"{'resuming' if resuming else 'training'} {cfg['method']} on {cfg['dataset']} "
+          f"({_setting(cfg, regression)}, {cfg['steps']} iterations, meta-batch {cfg['meta_batch']}, "
+          f"{', '.join(extra + [f'{torch.get_num_threads()} threads'])}) -> {run_dir}", flush=True)
+    print(f"then testing on {ev['episodes']} episodes of unseen {'tasks' if regression else 'classes'}: "
+          f"{_setting(ev, regression)}", flush=True)
     result = meta_train(learner, source, settings, run_dir, val_source)
     print(f"meta-training: {result.step} iterations, {result.train_seconds:.1f} s in all "
           f"({result.episodes_per_s:.1f} episodes/s in this invocation), peak memory {result.peak_mem_mb:.0f} MB",
@@ -173,40 +261,62 @@ def cmd_train(args: argparse.Namespace) -> int:
                    desc="test")
     res.update(ways=ev["ways"], shots=ev["shots"], queries=ev["queries"], split="test", step=result.step,
                meta_train_seconds=result.train_seconds, train_episodes_per_s=result.episodes_per_s,
-               train_peak_mem_mb=result.peak_mem_mb)
+               train_peak_mem_mb=result.peak_mem_mb, **cost_context())
     atomic_write_text(run_dir / "results.json", json.dumps(res, indent=2) + "\n")
-    print(f"test {ev['ways']}-way {ev['shots']}-shot: {format_result(res)}")
+    print(f"test {_setting(ev, regression)}: {format_result(res)}")
     print(f"outputs: {run_dir}/ (config.yaml, checkpoint.pt, metrics.jsonl, learning_curve.png, results.json)")
     return 0
 
 
+def _saved_config(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def _is_tta_run(run_dir: Path, cfg: dict[str, Any] | None) -> bool:
+    return bool(cfg and "arch" in cfg and "method" not in cfg) or (run_dir / "model.pt").is_file()
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass the --out of a training run")
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    cfg.update(_method_flags(args))
+    cfg = _saved_config(run_dir)
+    if _is_tta_run(run_dir, cfg):
+        raise ConfigError(f"{run_dir} holds a test-time adaptation source model; evaluate it with "
+                          f"'fastadapt tta eval {run_dir} --method tent' (or source, bn, ttt, ttt-online)")
+    if cfg is None:
+        raise ConfigError(f"{run_dir} is not a run directory (no readable config.yaml); pass the --out of a "
+                          "training run")
+    cfg.update(_method_flags(args, method_options()))
     if args.data_dir:
         cfg["data_dir"] = args.data_dir
     if args.device:
         cfg["device"] = args.device
+    validate(cfg, method_defaults(cfg["method"]))
     _check_device(cfg["device"])
     ev = dict(cfg["eval"])
-    for k in ("ways", "shots", "queries", "episodes"):
+    for k in EVAL_KEYS:
         if getattr(args, k) is not None:
             ev[k] = getattr(args, k)
+    validate({"eval": ev})
     progress = not args.no_progress
     source = build_task_source({**cfg, "progress": progress}, args.split, ev["ways"], ev["shots"], ev["queries"])
     learner = METHODS.get(cfg["method"]).from_config(cfg, source.in_shape)
-    ck = load_checkpoint(run_dir / CHECKPOINT)
+    ck = load_checkpoint_with_fallback(run_dir / CHECKPOINT)
     learner.load_state_dict(ck["model"])
     learner.to(cfg["device"])
     res = evaluate(learner, source, ev["episodes"], seed=args.seed, device=cfg["device"], progress=progress,
                    desc=args.split)
     res.update(ways=ev["ways"], shots=ev["shots"], queries=ev["queries"], split=args.split, seed=args.seed,
                method=cfg["method"], dataset=cfg["dataset"], step=int(ck["step"]),
-               meta_train_seconds=float(ck["train_seconds"]))
-    print(f"{args.split} {ev['ways']}-way {ev['shots']}-shot: {format_result(res)}")
+               meta_train_seconds=float(ck["train_seconds"]), **cost_context())
+    regression = getattr(source, "kind", "classification") == "regression"
+    print(f"{args.split} {_setting(ev, regression)}: {format_result(res)}")
     print(f"meta-training time: {res['meta_train_seconds']:.1f} s ({res['step']} iterations)")
     if args.json:
         atomic_write_text(args.json, json.dumps(res, indent=2) + "\n")
@@ -220,18 +330,26 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 2 and argv[0] == "train" and not argv[1].startswith("-") and argv[1] not in METHODS:
+        print(f"error: {UnknownNameError(f'unknown method {argv[1]!r}; known methods: ' + ', '.join(METHODS.names()))}",
+              file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     # Reuse freed tensor memory instead of unmapping it every iteration (see engine/allocator.py;
     # a no-op off glibc or when MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are set).
     tune_malloc()
     try:
+        if hasattr(args, "threads"):
+            set_threads(args.threads)
         return args.handler(args)
     except FastAdaptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: the run was checkpointed; run the same command again to resume", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # The trainer says at which step the run was saved (RunInterrupted); other commands save nothing.
+        print(f"\n{exc if isinstance(exc, RunInterrupted) else 'interrupted'}", file=sys.stderr)
         return 130
 
 

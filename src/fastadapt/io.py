@@ -9,6 +9,8 @@ pickled code.
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -46,8 +48,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def save_checkpoint(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` ``obj`` to ``path`` atomically."""
+def previous_checkpoint(path: str | os.PathLike) -> Path:
+    """Where :func:`save_checkpoint` keeps the one before: ``checkpoint.pt`` -> ``checkpoint.prev.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_checkpoint(obj: Any, path: str | os.PathLike, keep_previous: bool = False) -> None:
+    """``torch.save`` ``obj`` to ``path`` atomically. With ``keep_previous`` the checkpoint it
+    replaces stays readable as :func:`previous_checkpoint` (a hard link, renamed into place), so
+    at every moment at least one complete checkpoint is on disk."""
+    path = Path(path)
+    if keep_previous and path.is_file():
+        prev = previous_checkpoint(path)
+        tmp = prev.with_name(prev.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)
+        except OSError:  # a filesystem without hard links
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, prev)
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -58,6 +78,30 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise DataError(f"no checkpoint at {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated, corrupt or not a torch file
-        raise DataError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); "
-                        "delete it to start over") from exc
+    except Exception:  # truncated, corrupt, not a torch file, or holding pickled code
+        # One line of our own: torch's message would suggest weights_only=False, which is unsafe.
+        raise DataError(f"checkpoint {path} cannot be read (truncated, corrupt or not a fastadapt checkpoint); "
+                        "delete it to start over") from None
+
+
+def load_checkpoint_with_fallback(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                                  warn: Callable[[str], None] | None = None) -> Any:
+    """:func:`load_checkpoint`, falling back to the previous checkpoint when the newest one is
+    missing or unreadable (``warn`` is told, by default on stderr). Raises the newest one's
+    error when neither can be read."""
+    path = Path(path)
+    prev = previous_checkpoint(path)
+    try:
+        return load_checkpoint(path, map_location)
+    except DataError as exc:
+        if not prev.is_file():
+            raise
+        newest_error = exc
+    try:
+        ck = load_checkpoint(prev, map_location)
+    except DataError:
+        raise newest_error from None
+    message = (f"warning: {path} cannot be read; continuing from the previous checkpoint {prev.name} "
+               f"(step {ck.get('step', '?') if isinstance(ck, dict) else '?'})")
+    (warn or (lambda m: print(m, file=sys.stderr, flush=True)))(message)
+    return ck

@@ -11,7 +11,9 @@ an uninterrupted one.
 from __future__ import annotations
 
 import json
+import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,9 +21,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import ConfigError, NonFiniteLossError
-from ..io import atomic_write_text, load_checkpoint, save_checkpoint
+from ..io import atomic_write_text, load_checkpoint_with_fallback, previous_checkpoint, save_checkpoint
 from ..methods.base import MetaLearner
 from ..progress import progress_bar
 from .evaluate import evaluate
@@ -55,8 +58,8 @@ class TrainSettings:
         for name in ("steps", "meta_batch", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
         for name in ("lr_decay_every", "checkpoint_every", "val_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
@@ -75,6 +78,56 @@ class TrainResult:
     peak_mem_kind: str
     last_metrics: dict[str, float] = field(default_factory=dict)
     resumed_from: int = 0
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped training; the message says where the run was saved."""
+
+
+def _interrupted_message(saved_step: int | None, out: Path | None) -> str:
+    if out is None:
+        return "interrupted (no run directory: nothing was saved)"
+    if saved_step is None:
+        return "interrupted before the first checkpoint: nothing was saved; run the same command to start over"
+    return (f"interrupted: the run is saved at iteration {saved_step} in {out}; "
+            "run the same command again to resume from there")
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The global RNG state a training step can draw from: the CPU generator and, on a CUDA
+    device, the generator of every GPU (dropout, randomised kernels)."""
+    state: dict[str, Any] = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+class _DivergenceWatch:
+    """Warns once, while training runs, when the logged loss has grown far above its early level
+    (a rate too large for the task: the run may still be finite but is going nowhere)."""
+
+    def __init__(self, factor: float = 10.0) -> None:
+        self.factor = factor
+        self.reference: float | None = None
+        self.warned = False
+
+    def check(self, step: int, loss: float | None) -> str | None:
+        if loss is None or self.warned:
+            return None
+        if self.reference is None:
+            self.reference = max(abs(loss), 1e-8)
+            return None
+        if loss > self.factor * self.reference:
+            self.warned = True
+            return (f"warning: the training loss grew from {self.reference:.4g} to {loss:.4g} by iteration {step}; "
+                    "the run looks divergent: lower --lr or the inner learning rate (--inner-lr)")
+        return None
 
 
 class _StopRequest:
@@ -178,37 +231,50 @@ def meta_train(
     gen = torch.Generator().manual_seed(s.seed)
     torch.manual_seed(s.seed)
     step, train_seconds = 0, 0.0
+    saved_step: int | None = None
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        if (out / CHECKPOINT).is_file():
-            ck = load_checkpoint(out / CHECKPOINT, map_location=device)
+        if (out / CHECKPOINT).is_file() or previous_checkpoint(out / CHECKPOINT).is_file():
+            fell_back: list[str] = []
+            ck = load_checkpoint_with_fallback(out / CHECKPOINT, map_location="cpu", warn=fell_back.append)
+            if fell_back:
+                print(fell_back[0], file=sys.stderr, flush=True)
+                # Keep the unreadable file for inspection, out of the way of the next save.
+                if (out / CHECKPOINT).is_file():
+                    (out / CHECKPOINT).replace(out / (CHECKPOINT + ".unreadable"))
             learner.load_state_dict(ck["model"])
+            learner.load_run_state(ck.get("run_state", {}))
             optimizer.load_state_dict(ck["optimizer"])
             scheduler.load_state_dict(ck["scheduler"])
             gen.set_state(ck["generator"])
-            torch.set_rng_state(ck["torch_rng"])
+            set_rng_state(ck, device)
             step, train_seconds = int(ck["step"]), float(ck["train_seconds"])
+            saved_step = step
             # Drop log lines written after the checkpoint by the interrupted run.
             rows = _read_metrics(out / METRICS, upto=step)
             atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
     resumed_from = step
 
     def checkpoint() -> None:
+        nonlocal saved_step
         if out is None:
             return
         save_checkpoint(
             {
                 "step": step,
                 "model": learner.state_dict(),
+                "run_state": learner.run_state(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "generator": gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
+                **rng_state(device),
                 "train_seconds": train_seconds,
             },
             out / CHECKPOINT,
+            keep_previous=True,
         )
+        saved_step = step
 
     log_file = open(out / METRICS, "a") if out is not None else None
     window: list[dict[str, float]] = []
@@ -216,6 +282,7 @@ def meta_train(
     learner.train()
     bar = progress_bar(total=s.steps, initial=step, enabled=s.progress, desc=f"meta-train {learner.name}")
     seg_start, seg_steps = time.perf_counter(), 0
+    watch = _DivergenceWatch()
     try:
         with _StopRequest() as stop, PeakMemory(device) as pm:
             while step < s.steps and not (s.max_train_seconds and train_seconds >= s.max_train_seconds):
@@ -246,6 +313,9 @@ def meta_train(
                         key = "accuracy" if "accuracy" in res else "mse"
                         row[f"val_{key}"] = res[key]
                     window = []
+                    warning = watch.check(step, last.get("loss"))
+                    if warning:
+                        tqdm.write(warning, file=sys.stderr)
                     bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()})
                     if log_file is not None:
                         log_file.write(json.dumps(row) + "\n")
@@ -258,6 +328,8 @@ def meta_train(
                     checkpoint()
                     raise KeyboardInterrupt
             checkpoint()
+    except KeyboardInterrupt:
+        raise RunInterrupted(_interrupted_message(saved_step, out)) from None
     finally:
         bar.close()
         if log_file is not None:

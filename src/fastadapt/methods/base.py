@@ -28,6 +28,9 @@ class MetaLearner(nn.Module):
 
     name: ClassVar[str] = ""
     options: ClassVar[dict[str, Any]] = {}
+    #: Defaults that depend on the task family, keyed by task kind (``regression`` for sinusoids,
+    #: ``classification`` for image episodes): they override ``options`` and the dataset's defaults.
+    task_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     adapt_requires_grad: ClassVar[bool] = False
     task_kind: ClassVar[str] = "classification"
 
@@ -57,6 +60,20 @@ class MetaLearner(nn.Module):
         loss.backward()
         optimizer.step()
         return metrics
+
+    @classmethod
+    def resolve_run_options(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        """Options whose value is decided when a run starts (``batching: auto`` becomes ``loop`` or
+        ``vmap``, a schedule's horizon becomes a number): returns the concrete values to save in
+        ``config.yaml``. A resumed run reuses the saved values instead of deciding again."""
+        return {}
+
+    def run_state(self) -> dict[str, Any]:
+        """Decisions a resumed run must reuse (saved in every checkpoint)."""
+        return {}
+
+    def load_run_state(self, state: dict[str, Any]) -> None:
+        """Take back :meth:`run_state` from a checkpoint; raise ``ConfigError`` on a conflict."""
 
     def parameter_groups(self) -> list[dict[str, Any]] | None:
         """Optional optimiser parameter groups (e.g. a separate rate for learned step sizes)."""

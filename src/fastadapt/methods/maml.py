@@ -12,13 +12,13 @@
 
 A meta-batch runs either as a loop over tasks (each task's graph is freed by its own backward
 pass, so peak memory is one task's) or under ``torch.func.vmap`` (one batched graph; much faster
-on a GPU). ``--batching auto`` chooses ``vmap`` on accelerators and ``loop`` on the CPU.
+on a GPU). ``--batching auto`` chooses ``vmap`` on accelerators and ``loop`` on the CPU, once,
+before the run starts; the choice is saved in ``config.yaml`` and in checkpoints. The two paths
+give the same gradients up to float rounding, not the same bits, so a run never switches path.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from typing import Any, Callable
 
 import torch
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..errors import ConfigError, FastAdaptError
+from ..errors import ConfigError
 from ..models.conv4 import build_backbone
 from ..registry import DATASETS, METHODS
 from ..tasks.episode import Episode
@@ -115,7 +115,11 @@ class MAML(MetaLearner):
         "batching": "auto",
         "meta_batch": 32,
         "lr": 1e-3,
+        "lr_decay_every": 0,  # Finn et al.: a constant Adam rate
     }
+    # Finn et al. (2017), sinusoid regression: one inner step of 0.01, 25 tasks per meta-batch
+    # (K = 10 points per task comes from the sinusoid family's own defaults).
+    task_defaults = {"regression": {"inner_lr": 0.01, "meta_batch": 25}}
     adapt_requires_grad = True
     # The default; each instance takes the kind of its task family (regression for sinusoids).
     task_kind = "classification"
@@ -152,6 +156,11 @@ class MAML(MetaLearner):
     def from_config(cls, cfg: dict[str, Any], in_shape: tuple[int, ...]) -> "MAML":
         opts = {**cls.options, **cfg}
         kind = task_kind_of(cfg)
+        eval_ways = (cfg.get("eval") or {}).get("ways")
+        if kind == "classification" and eval_ways and "ways" in cfg and eval_ways > cfg["ways"]:
+            raise ConfigError(f"--eval-ways {eval_ways} is more than the {cfg['ways']} ways {cls.name} is meta-trained "
+                              f"with (its head has one output per way); use --eval-ways {cfg['ways']} or fewer, or "
+                              f"train with --ways {eval_ways}")
         return cls(build_model(opts, in_shape, kind), **cls._init_kwargs(opts), task_kind=kind)
 
     @classmethod
@@ -232,54 +241,40 @@ class MAML(MetaLearner):
         return self._loss_fn(out, qy), inner_losses, self._score_fn(out.detach(), qy)
 
     def _mode(self, batch: Episode) -> str:
-        """The batching of ``batch``: forced by ``batching``, else the one timed fastest for its
-        shapes (see :meth:`_choose_mode`), else ``vmap`` on accelerators and ``loop`` on the CPU."""
+        """The batching of this run: ``loop`` or ``vmap`` as asked, or for ``auto`` the rule of
+        :func:`~fastadapt.methods.inner.resolve_batching` (``vmap`` on accelerators, ``loop`` on
+        the CPU). The choice is made once, from the device alone (never by timing, so the same
+        command gives the same bits), kept in ``batching`` and saved with checkpoints."""
         forced_loop = self.grad_checkpoint and not self.first_order
         mode = resolve_batching(self.batching, batch.support_x.device, forced_loop)
-        if self.batching == "auto" and not forced_loop:
-            return self._tuned.get(self._shape_key(batch), mode)
+        if self.batching == "auto":
+            self.batching = mode
         return mode
 
     def _metrics(self, loss: Tensor, score: Tensor) -> dict[str, float]:
         key = "mse" if self.task_kind == "regression" else "acc"
         return {"loss": float(loss.detach()), key: float(score.mean())}
 
-    @staticmethod
-    def _shape_key(b: Episode) -> tuple:
-        return (b.support_x.device.type, tuple(b.support_x.shape), tuple(b.query_x.shape))
+    @classmethod
+    def resolve_run_options(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        """``batching: auto`` becomes the concrete path for the run's device before the run starts."""
+        if cfg.get("batching", "auto") != "auto":
+            return {}
+        forced_loop = bool(cfg.get("grad_checkpoint")) and not bool(cfg.get("first_order", cls.options.get("first_order")))
+        return {"batching": resolve_batching("auto", torch.device(cfg.get("device", "cpu")), forced_loop)}
 
-    @property
-    def _tuned(self) -> dict[tuple, str]:
-        if "_tuned_modes" not in self.__dict__:
-            self.__dict__["_tuned_modes"] = {}
-        return self.__dict__["_tuned_modes"]
+    def run_state(self) -> dict[str, Any]:
+        return {"batching": self.batching}
 
-    def _choose_mode(self, b: Episode, step: int) -> tuple[str, dict[str, float]]:
-        """With ``batching=auto``, the first meta-batch of each shape is computed both ways
-        (twice, alternating) and the faster way is kept; the gradients of the last run are left
-        in ``.grad``, so no step is wasted. Returns the mode and the metrics of that run."""
-        mode = self._mode(b)
-        key = self._shape_key(b)
-        if self.batching != "auto" or (self.grad_checkpoint and not self.first_order) or key in self._tuned:
-            return mode, self._backward(b, mode, step)
-        device = b.support_x.device
-        times: dict[str, float] = {"loop": math.inf, "vmap": math.inf}
-        metrics: dict[str, float] = {}
-        for m in ("vmap", "loop", "vmap", "loop"):  # the loop runs last: its gradients are kept
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            try:
-                metrics = self._backward(b, m, step)
-            except RuntimeError as exc:  # a model vmap cannot batch: the loop always works
-                if m != "vmap" or isinstance(exc, FastAdaptError):
-                    raise
-                continue
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[m] = min(times[m], time.perf_counter() - t0)
-        self._tuned[key] = min(times, key=times.get)
-        return self._tuned[key], metrics
+    def load_run_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("batching")
+        if saved in (None, "auto"):
+            return
+        if self.batching == "auto":
+            self.batching = saved
+        elif self.batching != saved:
+            raise ConfigError(f"the checkpoint was trained with --batching {saved}, not {self.batching}; the two paths "
+                              f"round differently, so resume with --batching {saved}")
 
     def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, float]]:
         b = batch if batch.batched else Episode.stack([batch])
@@ -325,7 +320,7 @@ class MAML(MetaLearner):
 
     def train_step(self, batch: Episode, optimizer: torch.optim.Optimizer, step: int = 0) -> dict[str, float]:
         b = batch if batch.batched else Episode.stack([batch])
-        _, metrics = self._choose_mode(b, step)
+        metrics = self._backward(b, self._mode(b), step)
         optimizer.step()
         return metrics
 

@@ -53,7 +53,8 @@ class ProtoNet(MetaLearner):
     """
 
     name = "protonet"
-    options = {"backbone": "conv4", "distance": "euclidean"}
+    # Snell et al. halve the Adam rate every 2000 episodes (the only method here with a schedule).
+    options = {"backbone": "conv4", "distance": "euclidean", "lr_decay_every": 2000}
 
     def __init__(self, backbone: nn.Module, distance: str = "euclidean") -> None:
         super().__init__()

@@ -22,15 +22,23 @@ class SinusoidTasks:
     """Task source for sinusoid regression (``kind = "regression"``, ``in_shape = (1,)``).
 
     Targets are ``[points, 1]``. ``sample_batch`` draws a whole meta-batch with a few tensor ops.
-    Every split draws from the same distribution (the family is infinite); the episode stream is
-    a pure function of the generator.
+    Every split draws from the same distribution (the family is infinite) but from its own
+    stream: a split's draws come from a generator seeded by one number taken from the caller's
+    generator and the split, so the test tasks of seed 0 are not the training tasks of seed 0.
+    The episode stream is a pure function of the generator and the split.
     """
+
+    SPLITS = ("train", "val", "test")
 
     kind = "regression"
     in_shape = (1,)
 
     def __init__(self, shots: int, queries: int, amplitude: tuple[float, float] = (0.1, 5.0),
-                 phase: tuple[float, float] = (0.0, math.pi), x_range: tuple[float, float] = (-5.0, 5.0)) -> None:
+                 phase: tuple[float, float] = (0.0, math.pi), x_range: tuple[float, float] = (-5.0, 5.0),
+                 split: str = "train") -> None:
+        if split not in self.SPLITS:
+            raise ConfigError(f"unknown split '{split}' for sinusoid tasks; use one of {', '.join(self.SPLITS)}")
+        self.split = split
         self.shots, self.queries = int(shots), int(queries)
         self.amplitude, self.phase, self.x_range = amplitude, phase, x_range
         self._check_sizes()
@@ -52,7 +60,14 @@ class SinusoidTasks:
         """``A sin(x - phase)`` broadcast over a task dimension: ``amp [T]``, ``x [T, N, 1]``."""
         return amp[:, None, None] * torch.sin(x - phase[:, None, None])
 
+    def _split_stream(self, generator: torch.Generator) -> torch.Generator:
+        """A generator for this split, seeded from one draw of ``generator``: seeds of different
+        splits differ in their residue mod 3, so no two splits ever share a stream."""
+        seed = int(torch.randint(0, 2**60, (1,), generator=generator))
+        return torch.Generator().manual_seed(3 * seed + self.SPLITS.index(self.split))
+
     def sample_batch(self, generator: torch.Generator, num_tasks: int) -> Episode:
+        generator = self._split_stream(generator)
         amp, phase = self.draw_functions(generator, num_tasks)
         lo, hi = self.x_range
         x = lo + (hi - lo) * torch.rand(num_tasks, self.shots + self.queries, 1, generator=generator)
@@ -67,7 +82,7 @@ class SinusoidTasks:
 @DATASETS.register("sinusoid")
 def build_sinusoid(cfg: dict[str, Any], split: str, ways: int, shots: int, queries: int) -> SinusoidTasks:
     """Sinusoid regression; ``ways`` does not apply and is ignored."""
-    return SinusoidTasks(shots, queries)
+    return SinusoidTasks(shots, queries, split=split)
 
 
 build_sinusoid.kind = "regression"  # type: ignore[attr-defined]
