@@ -258,7 +258,7 @@ def meta_train(
 
     def checkpoint() -> None:
         nonlocal saved_step
-        if out is None:
+        if out is None or saved_step == step:  # nothing changed since the last save
             return
         save_checkpoint(
             {
