@@ -312,19 +312,28 @@ def test_batchnorm_with_running_statistics_is_handled_or_explained():
                                                         (xi,)), "vmap", x)
 
 
-def test_auto_batching_is_decided_by_the_device_once_and_computes_each_task_once():
-    model, batch = tiny_model(seed=9), class_batch(seed=10)
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_auto_batching_is_decided_once_by_a_fixed_rule_and_computes_each_task_once(kind):
+    if kind == "mlp":
+        model, batch, expected_mode = tiny_model(seed=9), class_batch(seed=10), "vmap"
+    else:
+        model, expected_mode = conv_bn_model(seed=9), "loop"
+        g = torch.Generator().manual_seed(10)
+        batch = Episode(torch.randn(2, 3, 1, 8, 8, generator=g, dtype=DT), torch.arange(3).repeat(2, 1),
+                        torch.randn(2, 6, 1, 8, 8, generator=g, dtype=DT), torch.arange(3).repeat(2, 2))
     auto = MAML(copy.deepcopy(model), inner_steps=2, inner_lr=0.5, batching="auto")
     calls = []
     task = auto._task
     auto._task = lambda *a: calls.append(1) or task(*a)
-    loop = MAML(copy.deepcopy(model), inner_steps=2, inner_lr=0.5, batching="loop")
-    expected = train_step_grads(loop, batch)
+    forced = MAML(copy.deepcopy(model), inner_steps=2, inner_lr=0.5, batching=expected_mode)
+    expected = train_step_grads(forced, batch)
     got = train_step_grads(auto, batch)
-    assert len(calls) == batch.num_tasks  # no timing runs: every task is computed once
-    assert auto.batching == "loop" and auto.run_state() == {"batching": "loop"}  # the CPU rule, recorded
-    for k in expected:  # the same path as --batching loop: the same bits, not merely close
+    # No timing runs: every task is computed once (loop) or in one batched call (vmap).
+    assert len(calls) == (batch.num_tasks if expected_mode == "loop" else 1)
+    assert auto.batching == expected_mode and auto.run_state() == {"batching": expected_mode}
+    for k in expected:  # the same path as asking for it: the same bits, not merely close
         assert torch.equal(got[k], expected[k]), k
-    resumed = MAML(copy.deepcopy(model), inner_steps=2, inner_lr=0.5, batching="vmap")
-    with pytest.raises(ConfigError, match="resume with --batching loop"):
+    other = "vmap" if expected_mode == "loop" else "loop"
+    resumed = MAML(copy.deepcopy(model), inner_steps=2, inner_lr=0.5, batching=other)
+    with pytest.raises(ConfigError, match=f"resume with --batching {expected_mode}"):
         resumed.load_run_state(auto.run_state())

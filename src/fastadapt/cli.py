@@ -225,9 +225,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     saved = _saved_config(run_dir) if resuming else None
     if saved is not None:
         adopt_run_decisions(saved, cfg)
-    cfg.update(cls.resolve_run_options(cfg))
-    if saved is not None:
-        check_same_run(saved, cfg, run_dir)
     settings = TrainSettings(**{k: cfg[k] for k in ("steps", "meta_batch", "lr", "lr_decay_every", "lr_decay",
                                                      "weight_decay", "seed", "device", "checkpoint_every",
                                                      "log_every", "val_every", "val_episodes",
@@ -243,6 +240,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     test_source = _eval_source(data_cfg, "test", ev)
     val_source = _eval_source(data_cfg, "val", ev) if cfg["val_every"] else None
     learner = cls.from_config(cfg, source.in_shape)
+    cfg.update(learner.decide_run_options(cfg["device"]))
+    if saved is not None:
+        check_same_run(saved, cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", save_yaml(cfg))
 

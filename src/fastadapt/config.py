@@ -62,7 +62,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 RESUMABLE = {"steps", "max_train_seconds", "device", "checkpoint_every", "log_every", "eval", "val_every", "val_episodes",
              "data_dir", "download", "progress", "threads"}
 
-# Options decided when a run starts (see MetaLearner.resolve_run_options): while a flag keeps the
+# Options decided when a run starts (see MetaLearner.decide_run_options): while a flag keeps the
 # "decide for me" value, a resumed run takes the saved decision.
 UNDECIDED = {"batching": "auto", "anneal_steps": 0}
 

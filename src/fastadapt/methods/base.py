@@ -61,11 +61,11 @@ class MetaLearner(nn.Module):
         optimizer.step()
         return metrics
 
-    @classmethod
-    def resolve_run_options(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+    def decide_run_options(self, device: torch.device | str) -> dict[str, Any]:
         """Options whose value is decided when a run starts (``batching: auto`` becomes ``loop`` or
-        ``vmap``, a schedule's horizon becomes a number): returns the concrete values to save in
-        ``config.yaml``. A resumed run reuses the saved values instead of deciding again."""
+        ``vmap``, a schedule's horizon becomes a number): fixes them on this learner and returns
+        the concrete values to save in ``config.yaml``. A resumed run is built with the saved
+        values, so nothing is decided twice."""
         return {}
 
     def run_state(self) -> dict[str, Any]:

@@ -243,9 +243,9 @@ BATCHING_MODES = ("auto", "vmap", "loop")
 
 
 def resolve_batching(mode: str, device: torch.device, checkpoint: bool = False) -> str:
-    """``loop`` or ``vmap`` for ``mode``. ``auto`` depends on the device alone: ``vmap`` on
-    accelerators, ``loop`` on the CPU (measured on an idle two-core CPU, vmap's batched
-    convolutions were not faster than the loop); checkpointing always runs as a loop."""
+    """``loop`` or ``vmap`` for ``mode``. ``auto`` here depends on the device alone (``vmap`` on
+    accelerators, ``loop`` on the CPU); the methods refine it by model (``MAML._auto_mode``).
+    Checkpointing always runs as a loop."""
     if mode not in BATCHING_MODES:
         raise ConfigError(f"--batching must be one of {', '.join(BATCHING_MODES)}, got '{mode}'")
     if checkpoint:

@@ -65,11 +65,10 @@ class Reptile(MAML):
         keys = ("inner_steps", "inner_lr", "inner_optim", "outer_lr", "anneal", "batching")
         return {**{k: opts[k] for k in keys}, "anneal_steps": opts.get("anneal_steps") or opts.get("steps")}
 
-    @classmethod
-    def resolve_run_options(cls, cfg: dict[str, Any]) -> dict[str, Any]:
-        out = super().resolve_run_options(cfg)
-        if cfg.get("anneal") and not cfg.get("anneal_steps"):
-            out["anneal_steps"] = int(cfg["steps"])
+    def decide_run_options(self, device: torch.device | str) -> dict[str, Any]:
+        out = super().decide_run_options(device)
+        if self.anneal:
+            out["anneal_steps"] = self.anneal_steps
         return out
 
     def run_state(self) -> dict[str, Any]:
