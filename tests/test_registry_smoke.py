@@ -18,7 +18,7 @@ def test_registered_method_trains_adapts_and_predicts(name):
     cls = METHODS.get(name)
     assert cls.__doc__ and cls.name == name
     cfg = resolve(name, None, {"dataset": SMOKE_DATASET[cls.task_kind], "ways": 3, "shots": 2, "queries": 2,
-                               "meta_batch": 2})
+                               "meta_batch": 2, "eval": {"ways": 3}})
     source = build_task_source(cfg, "train", 3, 2, 2)
     learner = cls.from_config(cfg, source.in_shape)
     opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
