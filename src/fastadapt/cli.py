@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-queries", type=int)
     t.add_argument("--eval-episodes", type=int)
     t.add_argument("--out", help="run directory (default runs/METHOD-DATASET-WAYSwSHOTSs-seedSEED)")
-    t.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    t.add_argument("--no-progress", action="store_true", help="hide progress (bars, or periodic lines in logs)")
     _add_method_options(t)
     t.set_defaults(handler=cmd_train)
 
