@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML preset (see configs/); flags override it")
     t.add_argument("--dataset", help=f"one of: {', '.join(DATASETS.names())} (default builtin: no download)")
     t.add_argument("--task", dest="dataset", help="alias of --dataset (e.g. --task sinusoid)")
-    t.add_argument("--data-dir", help="dataset folder (Omniglot: holds images_background/ and images_evaluation/)")
+    t.add_argument("--data-dir", help="dataset folder (Omniglot: holds images_background/ and images_evaluation/; "
+                                      "default: $FASTADAPT_DATA/DATASET if it exists, else download)")
     t.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
                    help="download missing datasets (default: yes)")
     t.add_argument("--image-size", type=int, help="resize images to this side (default: the dataset's)")

@@ -28,7 +28,7 @@ from torch import Tensor
 from ..errors import ConfigError, DataError
 from ..io import load_checkpoint, save_checkpoint
 from ..progress import progress_bar
-from .cache import cache_dir, default_data_dir
+from .cache import cache_dir, default_data_dir, env_data_dir
 from .download import download, file_digest
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -124,6 +124,8 @@ def download_official(folder: Path, progress: bool = True) -> Path:
 
 
 def _locate(data_dir: str | os.PathLike | None, split: str, download: bool, progress: bool = True) -> tuple[Path, str]:
+    if data_dir is None:  # $FASTADAPT_DATA/cifar10 is used as if given by --data-dir
+        data_dir = env_data_dir("cifar10")
     folder = Path(data_dir) if data_dir is not None else default_data_dir("cifar10")
     jpg = folder / JPG_NAME.format(split=split)
     if jpg.is_file():
@@ -142,6 +144,9 @@ def load_cifar10(
     split: str, data_dir: str | os.PathLike | None = None, download: bool = True, progress: bool = True
 ) -> tuple[Tensor, Tensor]:
     """``(images [N, 3, 32, 32] uint8, labels [N] int64)`` of CIFAR-10 ``split`` ("train"/"test").
+
+    Without ``data_dir``: ``$FASTADAPT_DATA/cifar10`` if it exists, else the official archive,
+    downloaded into the cache when ``download``.
 
     ``progress`` shows the download and the one-time decoding (see :func:`fastadapt.progress.progress_bar`).
     """
