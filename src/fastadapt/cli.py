@@ -19,7 +19,7 @@ from .config import DEFAULTS, check_same_run, default_run_dir, load_yaml, method
 from .data import build_task_source
 from .engine.allocator import tune_malloc
 from .engine.evaluate import evaluate, format_result
-from .engine.trainer import CHECKPOINT, TrainSettings, meta_train
+from .engine.trainer import CHECKPOINT, CURVE, METRICS, TrainSettings, meta_train, plot_learning_curve
 from .errors import ConfigError, FastAdaptError
 from .io import atomic_write_text, load_checkpoint
 from .registry import BACKBONES, DATASETS, METHODS
@@ -176,6 +176,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                meta_train_seconds=result.train_seconds, train_episodes_per_s=result.episodes_per_s,
                train_peak_mem_mb=result.peak_mem_mb)
     atomic_write_text(run_dir / "results.json", json.dumps(res, indent=2) + "\n")
+    plot_learning_curve(run_dir / METRICS, run_dir / CURVE)  # again, now with the test result
     print(f"test {ev['ways']}-way {ev['shots']}-shot: {format_result(res)}")
     print(f"outputs: {run_dir}/ (config.yaml, checkpoint.pt, metrics.jsonl, learning_curve.png, results.json)")
     return 0

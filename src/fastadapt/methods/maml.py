@@ -241,8 +241,10 @@ class MAML(MetaLearner):
         return mode
 
     def _metrics(self, loss: Tensor, score: Tensor) -> dict[str, float]:
-        key = "mse" if self.task_kind == "regression" else "acc"
-        return {"loss": float(loss.detach()), key: float(score.mean())}
+        """Logged training metrics: ``loss`` and ``mse`` or ``accuracy`` (in percent, as everywhere)."""
+        if self.task_kind == "regression":
+            return {"loss": float(loss.detach()), "mse": float(score.mean())}
+        return {"loss": float(loss.detach()), "accuracy": 100.0 * float(score.mean())}
 
     @staticmethod
     def _shape_key(b: Episode) -> tuple:
