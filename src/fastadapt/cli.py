@@ -19,9 +19,10 @@ from .config import DEFAULTS, check_same_run, default_run_dir, load_yaml, method
 from .data import build_task_source
 from .engine.allocator import tune_malloc
 from .engine.evaluate import evaluate, format_result
+from .engine.runs import open_run
 from .engine.trainer import CHECKPOINT, CURVE, METRICS, TrainSettings, meta_train, plot_learning_curve
 from .errors import ConfigError, FastAdaptError
-from .io import atomic_write_text, load_checkpoint
+from .io import atomic_write_text
 from .registry import BACKBONES, DATASETS, METHODS
 from .tta.cli import add_tta_parser
 
@@ -183,31 +184,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass the --out of a training run")
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    cfg.update(_method_flags(args))
-    if args.data_dir:
-        cfg["data_dir"] = args.data_dir
     if args.device:
-        cfg["device"] = args.device
-    _check_device(cfg["device"])
+        _check_device(args.device)
+    progress = not args.no_progress
+    run = open_run(args.run_dir, args.device, {**_method_flags(args), "data_dir": args.data_dir}, progress=progress)
+    cfg, learner = run.config, run.learner
     ev = dict(cfg["eval"])
     for k in ("ways", "shots", "queries", "episodes"):
         if getattr(args, k) is not None:
             ev[k] = getattr(args, k)
-    progress = not args.no_progress
     source = build_task_source({**cfg, "progress": progress}, args.split, ev["ways"], ev["shots"], ev["queries"])
-    learner = METHODS.get(cfg["method"]).from_config(cfg, source.in_shape)
-    ck = load_checkpoint(run_dir / CHECKPOINT)
-    learner.load_state_dict(ck["model"])
-    learner.to(cfg["device"])
     res = evaluate(learner, source, ev["episodes"], seed=args.seed, device=cfg["device"], progress=progress,
                    desc=args.split)
     res.update(ways=ev["ways"], shots=ev["shots"], queries=ev["queries"], split=args.split, seed=args.seed,
-               method=cfg["method"], dataset=cfg["dataset"], step=int(ck["step"]),
-               meta_train_seconds=float(ck["train_seconds"]))
+               method=cfg["method"], dataset=cfg["dataset"], step=run.step, meta_train_seconds=run.train_seconds)
     print(f"{args.split} {ev['ways']}-way {ev['shots']}-shot: {format_result(res)}")
     print(f"meta-training time: {res['meta_train_seconds']:.1f} s ({res['step']} iterations)")
     if args.json:

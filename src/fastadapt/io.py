@@ -59,5 +59,5 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated, corrupt or not a torch file
-        raise DataError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); "
-                        "delete it to start over") from exc
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line, however long torch's message
+        raise DataError(f"checkpoint {path} cannot be read ({reason[:200]}); delete it to start over") from exc
