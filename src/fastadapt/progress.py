@@ -7,7 +7,7 @@ adaptation) goes through :func:`progress_bar`:
 * where stderr is not a terminal (a log file, CI, ``nohup``) a redrawn bar would be either
   noise or nothing, so instead one plain line is written to stderr every
   ``$FASTADAPT_PROGRESS_SECONDS`` seconds (default 10; 0 turns the lines off), e.g.
-  ``meta-train maml: 120/500 (24%), loss=1.234, accuracy=45.000 | 2.10 it/s, elapsed 0:57, left 3:01``,
+  ``meta-train maml: 120/500 it (24%), loss=1.234, accuracy=45.000 | 2.10 it/s, elapsed 00:57, left 03:01``,
   and a last line when the work ends (only if an earlier line was written, so short work stays
   silent);
 * ``enabled=False`` (the CLI's ``--no-progress``) shows nothing at all.
