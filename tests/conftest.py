@@ -4,19 +4,34 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def find_shared_data(environ=os.environ, checkout: Path = CHECKOUT) -> Path:
+    """The root of the real datasets (``omniglot/``, ``mnist/``, ``cifar10/``): ``$FASTADAPT_DATA``
+    if set, else ``../shared/data`` beside the checkout."""
+    root = environ.get("FASTADAPT_DATA")
+    if root:
+        return Path(root).expanduser()
+    return checkout.parent / "shared" / "data"
+
+
+SHARED_DATA = find_shared_data()
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Dataset caches of the test session go to a temporary folder, never the user's."""
-    old = os.environ.get("FASTADAPT_CACHE")
+    """Dataset caches of the test session go to a temporary folder, never the user's; the loaders
+    do not see the user's $FASTADAPT_DATA (tests that need real data get it from ``shared_data``)."""
+    old = {k: os.environ.get(k) for k in ("FASTADAPT_CACHE", "FASTADAPT_DATA")}
     os.environ["FASTADAPT_CACHE"] = str(tmp_path_factory.mktemp("fastadapt-cache"))
+    os.environ.pop("FASTADAPT_DATA", None)
     yield
-    if old is None:
-        os.environ.pop("FASTADAPT_CACHE", None)
-    else:
-        os.environ["FASTADAPT_CACHE"] = old
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +40,7 @@ def _seed():
 
 
 def pytest_collection_modifyitems(config, items):
-    skip = pytest.mark.skip(reason=f"real data not found at {SHARED_DATA}")
+    skip = pytest.mark.skip(reason=f"real data not found at {SHARED_DATA} (set FASTADAPT_DATA to its root)")
     for item in items:
         if "shared_data" in item.keywords and not SHARED_DATA.is_dir():
             item.add_marker(skip)

@@ -22,9 +22,10 @@ from .data import build_task_source
 from .engine.allocator import tune_malloc
 from .engine.evaluate import evaluate, format_result
 from .engine.threads import cost_context, set_threads
-from .engine.trainer import CHECKPOINT, RunInterrupted, TrainSettings, meta_train
+from .engine.runs import open_run
+from .engine.trainer import CHECKPOINT, CURVE, METRICS, RunInterrupted, TrainSettings, meta_train, plot_learning_curve
 from .errors import ConfigError, FastAdaptError, UnknownNameError
-from .io import atomic_write_text, load_checkpoint_with_fallback, previous_checkpoint
+from .io import atomic_write_text, previous_checkpoint
 from .registry import BACKBONES, DATASETS, METHODS
 from .tta.cli import add_tta_parser
 
@@ -54,7 +55,8 @@ def _defaults_text(key: str, base: dict[str, Any], by_dataset: dict[str, dict[st
 
 CORE_HELP: dict[str, tuple[dict[str, Any], str]] = {
     "dataset": ({}, "dataset or task family: {datasets}"),
-    "data_dir": ({}, "dataset folder (Omniglot: holds images_background/ and images_evaluation/)"),
+    "data_dir": ({}, "dataset folder (Omniglot: holds images_background/ and images_evaluation/); "
+                     "without it: $FASTADAPT_DATA/DATASET if that exists, else a download"),
     "image_size": ({"type": int}, "resize images to this side"),
     "train_split": ({"choices": ["train", "trainval"]}, "classes to meta-train on"),
     "ways": ({"type": int}, "classes per training episode"),
@@ -107,7 +109,7 @@ def _add_method_parser(methods: Any, name: str) -> None:
     core.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
                       help="download missing datasets (default yes)")
     core.add_argument("--out", help="run directory (default runs/METHOD-DATASET-WAYSwSHOTSs-seedSEED)")
-    core.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
+    core.add_argument("--no-progress", action="store_true", help="hide progress (bars, or periodic lines in logs)")
     own = [k for k in cls.options if k not in DEFAULTS]
     if own:
         g = m.add_argument_group(f"{name} options")
@@ -263,6 +265,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                meta_train_seconds=result.train_seconds, train_episodes_per_s=result.episodes_per_s,
                train_peak_mem_mb=result.peak_mem_mb, **cost_context())
     atomic_write_text(run_dir / "results.json", json.dumps(res, indent=2) + "\n")
+    plot_learning_curve(run_dir / METRICS, run_dir / CURVE)  # again, now with the test result
     print(f"test {_setting(ev, regression)}: {format_result(res)}")
     print(f"outputs: {run_dir}/ (config.yaml, checkpoint.pt, metrics.jsonl, learning_curve.png, results.json)")
     return 0
@@ -285,36 +288,26 @@ def _is_tta_run(run_dir: Path, cfg: dict[str, Any] | None) -> bool:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
-    cfg = _saved_config(run_dir)
-    if _is_tta_run(run_dir, cfg):
+    if _is_tta_run(run_dir, _saved_config(run_dir)):
         raise ConfigError(f"{run_dir} holds a test-time adaptation source model; evaluate it with "
                           f"'fastadapt tta eval {run_dir} --method tent' (or source, bn, ttt, ttt-online)")
-    if cfg is None:
-        raise ConfigError(f"{run_dir} is not a run directory (no readable config.yaml); pass the --out of a "
-                          "training run")
-    cfg.update(_method_flags(args, method_options()))
-    if args.data_dir:
-        cfg["data_dir"] = args.data_dir
     if args.device:
-        cfg["device"] = args.device
-    validate(cfg, method_defaults(cfg["method"]))
-    _check_device(cfg["device"])
+        _check_device(args.device)
+    progress = not args.no_progress
+    run = open_run(run_dir, args.device, {**_method_flags(args, method_options()), "data_dir": args.data_dir},
+                   progress=progress)
+    cfg, learner = run.config, run.learner
     ev = dict(cfg["eval"])
     for k in EVAL_KEYS:
         if getattr(args, k) is not None:
             ev[k] = getattr(args, k)
     validate({"eval": ev})
-    progress = not args.no_progress
     source = build_task_source({**cfg, "progress": progress}, args.split, ev["ways"], ev["shots"], ev["queries"])
-    learner = METHODS.get(cfg["method"]).from_config(cfg, source.in_shape)
-    ck = load_checkpoint_with_fallback(run_dir / CHECKPOINT)
-    learner.load_state_dict(ck["model"])
-    learner.to(cfg["device"])
     res = evaluate(learner, source, ev["episodes"], seed=args.seed, device=cfg["device"], progress=progress,
                    desc=args.split)
     res.update(ways=ev["ways"], shots=ev["shots"], queries=ev["queries"], split=args.split, seed=args.seed,
-               method=cfg["method"], dataset=cfg["dataset"], step=int(ck["step"]),
-               meta_train_seconds=float(ck["train_seconds"]), **cost_context())
+               method=cfg["method"], dataset=cfg["dataset"], step=run.step, meta_train_seconds=run.train_seconds,
+               **cost_context())
     regression = getattr(source, "kind", "classification") == "regression"
     print(f"{args.split} {_setting(ev, regression)}: {format_result(res)}")
     print(f"meta-training time: {res['meta_train_seconds']:.1f} s ({res['step']} iterations)")

@@ -2,7 +2,9 @@
 
 A registered entry is a builder ``build(cfg, split, ways, shots, queries) -> task source``,
 where ``cfg`` is the resolved run configuration (a plain dict) and ``split`` one of
-``train``, ``val``, ``test``.
+``train``, ``val``, ``test``. A builder may declare ``kind`` (``classification`` or
+``regression``) and ``in_shape(cfg) -> shape of one input``, which lets a trained run be loaded
+(:func:`fastadapt.load_run`) without reading the dataset.
 """
 
 from __future__ import annotations
@@ -35,6 +37,15 @@ def builtin_tasks(cfg: dict[str, Any], split: str, ways: int, shots: int, querie
     return EpisodeSampler(pool, ways, shots, queries, split)
 
 
+def _gray_square(cfg: dict[str, Any]) -> tuple[int, int, int]:
+    """One-channel ``image_size`` x ``image_size`` images (default 28), as the glyphs and Omniglot."""
+    size = int(cfg.get("image_size") or 28)
+    return (1, size, size)
+
+
+builtin_tasks.in_shape = _gray_square  # type: ignore[attr-defined]
+
+
 @DATASETS.register("omniglot")
 def omniglot_tasks(cfg: dict[str, Any], split: str, ways: int, shots: int, queries: int) -> EpisodeSampler:
     """Omniglot, Vinyals split with rotations (see :mod:`fastadapt.data.omniglot`)."""
@@ -43,6 +54,9 @@ def omniglot_tasks(cfg: dict[str, Any], split: str, ways: int, shots: int, queri
                            bool(cfg.get("download", True)), bool(cfg.get("progress", True)))
     pool, split = _pick_split(pools, split, cfg, "omniglot")
     return EpisodeSampler(pool, ways, shots, queries, split)
+
+
+omniglot_tasks.in_shape = _gray_square  # type: ignore[attr-defined]
 
 
 @DATASETS.register("imagefolder")

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from ..errors import ConfigError, DataError
 from ..io import load_checkpoint, save_checkpoint
-from .cache import cache_dir, default_data_dir
+from ..progress import progress_bar
+from .cache import cache_dir, default_data_dir, env_data_dir
 from .download import download, file_digest
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -39,6 +40,7 @@ OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
 OFFICIAL_NAME = "cifar-10-python.tar.gz"
 JPG_NAME = "cifar10-jpg-{split}.tar.gz"
 SPLITS = ("train", "test")
+SPLIT_SIZES = {"train": 50000, "test": 10000}
 
 
 def _check_split(split: str) -> None:
@@ -46,12 +48,13 @@ def _check_split(split: str) -> None:
         raise ConfigError(f"CIFAR-10 split must be one of {', '.join(SPLITS)}, got '{split}'")
 
 
-def _decode_jpg_tar(path: Path, split: str) -> tuple[Tensor, Tensor]:
+def _decode_jpg_tar(path: Path, split: str, progress: bool = True) -> tuple[Tensor, Tensor]:
     from PIL import Image
 
     records: list[tuple[int, str, np.ndarray]] = []
     try:
-        with tarfile.open(path, "r:gz") as tar:
+        with tarfile.open(path, "r:gz") as tar, progress_bar(enabled=progress, total=SPLIT_SIZES[split],
+                                                             desc=f"decoding CIFAR-10 {split}", unit="image") as bar:
             for member in tar:
                 if not member.isfile() or not member.name.lower().endswith(".jpg"):
                     continue
@@ -64,6 +67,7 @@ def _decode_jpg_tar(path: Path, split: str) -> tuple[Tensor, Tensor]:
                 if arr.shape != (32, 32, 3):
                     raise DataError(f"{path}: {member.name} is {arr.shape}, not a 32x32 RGB image")
                 records.append((CLASSES.index(parts[-2]), parts[-1], arr))
+                bar.update(1)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise DataError(f"{path} cannot be read as a CIFAR-10 JPEG archive ({exc}); replace the file") from exc
     if not records:
@@ -92,15 +96,17 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
 
 
-def _decode_official_tar(path: Path, split: str) -> tuple[Tensor, Tensor]:
+def _decode_official_tar(path: Path, split: str, progress: bool = True) -> tuple[Tensor, Tensor]:
     wanted = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     found: dict[str, dict] = {}
     try:
-        with tarfile.open(path, "r:gz") as tar:
+        with tarfile.open(path, "r:gz") as tar, progress_bar(enabled=progress, total=len(wanted),
+                                                             desc=f"reading CIFAR-10 {split}", unit="batch") as bar:
             for member in tar:
                 base = Path(member.name).name
                 if member.isfile() and base in wanted:
                     found[base] = _NumpyOnlyUnpickler(tar.extractfile(member), encoding="bytes").load()
+                    bar.update(1)
     except (tarfile.TarError, OSError, EOFError, pickle.UnpicklingError) as exc:
         raise DataError(f"{path} cannot be read as the official CIFAR-10 archive ({exc}); delete it") from exc
     missing = [w for w in wanted if w not in found]
@@ -117,7 +123,9 @@ def download_official(folder: Path, progress: bool = True) -> Path:
     return download(OFFICIAL_URL, Path(folder) / OFFICIAL_NAME, md5=OFFICIAL_MD5, progress=progress)
 
 
-def _locate(data_dir: str | os.PathLike | None, split: str, download: bool) -> tuple[Path, str]:
+def _locate(data_dir: str | os.PathLike | None, split: str, download: bool, progress: bool = True) -> tuple[Path, str]:
+    if data_dir is None:  # $FASTADAPT_DATA/cifar10 is used as if given by --data-dir
+        data_dir = env_data_dir("cifar10")
     folder = Path(data_dir) if data_dir is not None else default_data_dir("cifar10")
     jpg = folder / JPG_NAME.format(split=split)
     if jpg.is_file():
@@ -128,16 +136,22 @@ def _locate(data_dir: str | os.PathLike | None, split: str, download: bool) -> t
     if data_dir is not None and not folder.is_dir():
         raise DataError(f"CIFAR-10 folder {folder} does not exist; pass --data-dir with the dataset")
     if data_dir is None and download:
-        return download_official(folder), "official"
+        return download_official(folder, progress), "official"
     raise DataError(f"no CIFAR-10 in {folder}: expected {jpg.name} or {OFFICIAL_NAME}")
 
 
 def load_cifar10(
-    split: str, data_dir: str | os.PathLike | None = None, download: bool = True
+    split: str, data_dir: str | os.PathLike | None = None, download: bool = True, progress: bool = True
 ) -> tuple[Tensor, Tensor]:
-    """``(images [N, 3, 32, 32] uint8, labels [N] int64)`` of CIFAR-10 ``split`` ("train"/"test")."""
+    """``(images [N, 3, 32, 32] uint8, labels [N] int64)`` of CIFAR-10 ``split`` ("train"/"test").
+
+    Without ``data_dir``: ``$FASTADAPT_DATA/cifar10`` if it exists, else the official archive,
+    downloaded into the cache when ``download``.
+
+    ``progress`` shows the download and the one-time decoding (see :func:`fastadapt.progress.progress_bar`).
+    """
     _check_split(split)
-    archive, kind = _locate(data_dir, split, download)
+    archive, kind = _locate(data_dir, split, download, progress)
     key = file_digest(archive, "sha256")[:16]
     cached = cache_dir() / "cifar10" / f"{kind}-{split}-{key}.pt"
     if cached.is_file():
@@ -147,8 +161,8 @@ def load_cifar10(
         except (DataError, KeyError):
             pass  # a damaged cache is rebuilt from the archive below
     decode = _decode_jpg_tar if kind == "jpg" else _decode_official_tar
-    images, labels = decode(archive, split)
-    expected = 50000 if split == "train" else 10000
+    images, labels = decode(archive, split, progress)
+    expected = SPLIT_SIZES[split]
     if kind == "official" and len(labels) != expected:
         raise DataError(f"{archive}: {len(labels)} {split} images, expected {expected}")
     save_checkpoint({"images": images, "labels": labels}, cached)

@@ -10,9 +10,9 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from ..progress import progress_bar
 
 from ..errors import DataError
+from ..progress import progress_bar
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -39,7 +39,8 @@ def load_images(paths: Sequence[str | os.PathLike], size: int, mode: str, invert
         out[i] = load_image(paths[i], size, mode, invert)
 
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        for _ in progress_bar(pool.map(work, range(len(paths))), enabled=progress, total=len(paths), desc=desc):
+        for _ in progress_bar(pool.map(work, range(len(paths))), enabled=progress, total=len(paths), desc=desc,
+                              unit="image"):
             pass
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 

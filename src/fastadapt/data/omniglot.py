@@ -22,7 +22,7 @@ import torch
 from ..io import load_checkpoint, save_checkpoint
 from ..errors import DataError
 from ..tasks.sampler import ClassPool
-from .cache import cache_dir, default_data_dir
+from .cache import cache_dir, default_data_dir, env_data_dir
 from .download import download, safe_extract_zip
 from .images import list_images, load_images
 
@@ -94,9 +94,12 @@ def load_characters(data_dir: str | Path | None = None, image_size: int = 28, do
                     progress: bool = True) -> tuple[torch.Tensor, list[str]]:
     """All 1623 characters as ``uint8 [1623, 20, 1, S, S]`` (bright strokes) and their names.
 
-    Decoded once, then read back from the cache file.
+    Without ``data_dir``: ``$FASTADAPT_DATA/omniglot`` if it exists, else the download folder in the
+    cache (see :mod:`fastadapt.data.cache`). Decoded once, then read back from the cache file.
     """
-    data_dir = Path(data_dir) if data_dir is not None else default_data_dir("omniglot")
+    if data_dir is None:  # $FASTADAPT_DATA/omniglot, used as if given, else the download folder
+        data_dir = env_data_dir("omniglot") or default_data_dir("omniglot")
+    data_dir = Path(data_dir)
     key = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:10]
     cache = cache_dir() / f"omniglot-{image_size}px-{key}.pt"
     if cache.is_file():

@@ -6,10 +6,10 @@ import time
 from typing import Any
 
 import torch
-from ..progress import progress_bar
 
 from ..errors import ConfigError
 from ..methods.base import MetaLearner
+from ..progress import progress_bar
 from .memory import PeakMemory
 from .stats import mean_ci95, median
 
@@ -47,7 +47,7 @@ def evaluate(
     predict_ms: list[float] = []
     try:
         with PeakMemory(device) as pm:
-            for _ in progress_bar(range(episodes), enabled=progress, desc=desc):
+            for _ in progress_bar(range(episodes), enabled=progress, desc=desc, unit="episode"):
                 ep = source.sample(gen).to(device)
                 _sync(device)
                 t0 = time.perf_counter()

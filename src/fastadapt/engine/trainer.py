@@ -178,11 +178,35 @@ def _read_metrics(path: Path, upto: int | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_learning_curve(metrics_path: Path, out_path: Path) -> None:
-    """Training loss and accuracy (and validation accuracy when logged) against iterations."""
-    rows = _read_metrics(metrics_path)
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _train_accuracy(row: dict[str, Any]) -> float | None:
+    if "accuracy" in row:
+        return row["accuracy"]
+    return 100.0 * row["acc"] if "acc" in row else None  # rows of runs logged before accuracy was in percent
+
+
+def _setting(ways: Any, shots: Any, regression: bool) -> str:
+    return f"{shots}-shot" if regression else f"{ways}-way {shots}-shot"
+
+
+def learning_curve_figure(run_dir: str | Path) -> Any:
+    """The learning curve of the run in ``run_dir`` as a matplotlib figure (``None`` before any log).
+
+    Training loss and accuracy (percent) or MSE against meta-iterations, validation accuracy when
+    logged; titled "method · dataset · setting" from ``config.yaml``, with the final test result of
+    ``results.json`` (when it belongs to the last logged iteration) as a dashed horizontal line.
+    """
+    run_dir = Path(run_dir)
+    rows = _read_metrics(run_dir / METRICS)
     if not rows:
-        return
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,17 +214,54 @@ def plot_learning_curve(metrics_path: Path, out_path: Path) -> None:
 
     train = [r for r in rows if "loss" in r]
     val = [r for r in rows if "val_accuracy" in r or "val_mse" in r]
-    keys = [k for k in ("loss", "acc") if train and k in train[0]]
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+    regression = any("mse" in r or "val_mse" in r for r in rows)
+    score = "mse" if regression else "accuracy"
+    cfg = {}
+    if (run_dir / "config.yaml").is_file():
+        import yaml
+
+        try:
+            cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        except yaml.YAMLError:
+            cfg = {}
+    results = _read_json(run_dir / "results.json")
+    if results.get("step") not in (None, rows[-1].get("step")) or score not in results:
+        results = {}  # from an earlier, shorter run of the same folder
+
+    def values(key: str) -> list[Any]:
+        return [_train_accuracy(r) if key == "accuracy" else r.get(key) for r in train]
+
+    keys = [k for k in ("loss", score) if train and any(v is not None for v in values(k))]
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(5 * max(1, len(keys)), 3.8), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        ax.plot([r["step"] for r in train], [r[key] for r in train], lw=1, label=f"train {key}")
-        if key == "acc" and val:
-            ax.plot([r["step"] for r in val], [r.get("val_accuracy", 0) / 100 for r in val], "o-", label="val accuracy")
+        ax.plot([r["step"] for r in train], values(key), lw=1, label=f"train {key}")
+        if key == score and val:
+            ax.plot([r["step"] for r in val], [r.get(f"val_{score}") for r in val], "o-", label=f"val {key}")
+        if key == score and results:
+            setting = _setting(results.get("ways"), results.get("shots"), regression)
+            if regression:
+                label = f"test {setting}: mse {results['mse']:.4g} ± {results['ci95']:.2g}"
+            else:
+                label = f"test {setting}: {results['accuracy']:.1f} ± {results['ci95']:.1f} %"
+            ax.axhline(results[score], color="C3", ls="--", lw=1, label=label)
         ax.set_xlabel("meta-iteration")
-        ax.set_ylabel(key)
+        ax.set_ylabel("accuracy (%)" if key == "accuracy" else key)
         ax.grid(alpha=0.3)
         ax.legend()
+    if cfg.get("method"):
+        fig.suptitle(f"{cfg['method']} · {cfg.get('dataset')} · "
+                     f"{_setting(cfg.get('ways'), cfg.get('shots'), regression)}")
     fig.tight_layout()
+    return fig
+
+
+def plot_learning_curve(metrics_path: Path, out_path: Path) -> None:
+    """Save :func:`learning_curve_figure` of the run folder holding ``metrics_path`` to ``out_path``."""
+    fig = learning_curve_figure(Path(metrics_path).parent)
+    if fig is None:
+        return
+    import matplotlib.pyplot as plt
+
     tmp = out_path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=90)
     plt.close(fig)

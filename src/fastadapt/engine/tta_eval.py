@@ -147,7 +147,7 @@ def evaluate_run(
 ) -> list[dict[str, Any]]:
     """Evaluate ``method`` on each corruption in turn, each from the source model afresh."""
     model, cfg = load_source_model(run_dir, device)
-    images, labels = load_cifar10("test", data_dir if data_dir is not None else cfg.get("data_dir"))
+    images, labels = load_cifar10("test", data_dir if data_dir is not None else cfg.get("data_dir"), progress=progress)
     order = stream_order(len(labels), seed, max_images)
     results = []
     for name in corruptions:

@@ -40,7 +40,8 @@ class MetaLearner(nn.Module):
         raise NotImplementedError
 
     def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, float]]:
-        """Meta-training loss over a batch of episodes (leading task dim) and logged metrics."""
+        """Meta-training loss over a batch of episodes (leading task dim) and logged metrics
+        (``loss``, and ``accuracy`` in percent or ``mse``)."""
         raise NotImplementedError
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Any:
@@ -89,4 +90,5 @@ def check_finite(loss: Tensor, where: str) -> None:
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> float:
-    return float((logits.argmax(dim=-1) == labels).float().mean())
+    """Percentage of ``labels`` predicted by the arg-max of ``logits`` (0 to 100)."""
+    return 100.0 * float((logits.argmax(dim=-1) == labels).float().mean())

@@ -143,8 +143,7 @@ class MAML(MetaLearner):
         self._check_options()
         # Per-task batch statistics instead of running statistics (see the module docstring).
         self.model = convert_batchnorm(model)
-        if self.head_only and not isinstance(self.model, BodyHead):
-            raise ConfigError(f"{self.name} adapts the head only and needs a BodyHead(body, head) model")
+        self._check_model()
         self._loss_fn, self._score_fn = _loss_and_score(task_kind)
         if self.learn_lrs:
             self.inner_lrs = nn.ParameterDict(
@@ -180,9 +179,12 @@ class MAML(MetaLearner):
         if self.task_kind not in ("classification", "regression"):
             raise ConfigError(f"unknown task kind '{self.task_kind}'")
 
+    def _check_model(self) -> None:
+        """Checks of the model, for subclasses that need more than an ``nn.Module`` (ANIL)."""
+
     # ---------------------------------------------------------------- the per-task computation
     def _inner_module(self) -> nn.Module:
-        return self.model.head if self.head_only else self.model
+        return self.model
 
     def _adapted(self, ways: int | None = None) -> Params:
         """The parameters the inner loop adapts, by their name inside :meth:`_inner_module`.
@@ -207,8 +209,8 @@ class MAML(MetaLearner):
         return {k: (v[:ways] if k in (prefix + "weight", prefix + "bias") else v) for k, v in params.items()}
 
     def _features(self, x: Tensor) -> Tensor:
-        # ANIL: the body is not adapted, so its features are computed once per set, not per step.
-        return self.model.body(x) if self.head_only else x
+        """The input of :meth:`_inner_module` (ANIL: the features the head sees)."""
+        return x
 
     def _inner_optimizer(self, ways: int | None = None) -> Any:
         if self.learn_lrs:
@@ -266,8 +268,10 @@ class MAML(MetaLearner):
         return {"batching": self.batching}
 
     def _metrics(self, loss: Tensor, score: Tensor) -> dict[str, float]:
-        key = "mse" if self.task_kind == "regression" else "acc"
-        return {"loss": float(loss.detach()), key: float(score.mean())}
+        """Logged training metrics: ``loss`` and ``mse`` or ``accuracy`` (in percent, as everywhere)."""
+        if self.task_kind == "regression":
+            return {"loss": float(loss.detach()), "mse": float(score.mean())}
+        return {"loss": float(loss.detach()), "accuracy": 100.0 * float(score.mean())}
 
     def run_state(self) -> dict[str, Any]:
         return {"batching": self.batching}
@@ -360,14 +364,61 @@ class FOMAML(MAML):
     options = {**MAML.options, "first_order": True}
 
 
+class _HeadReached(Exception):
+    """Raised by the hook of :meth:`ANIL._features` to stop the forward pass at the head."""
+
+    def __init__(self, features: Tensor) -> None:
+        super().__init__("the head was reached")
+        self.features = features
+
+
 @METHODS.register("anil")
 class ANIL(MAML):
     """Almost No Inner Loop (Raghu, Raghu, Bengio & Vinyals, ICLR 2020): the inner loop adapts
-    only the linear head; the body is meta-learned through it. Body features are computed once
-    per support/query set, so an inner step costs a linear layer, not a backbone pass."""
+    only the head; the body is meta-learned through it. Body features are computed once per
+    support/query set, so an inner step costs a head pass, not a backbone pass.
+
+    ``model`` is any ``nn.Module`` whose last operation is its head, named by ``head`` (a
+    submodule name as in ``model.named_modules()``: ``"head"`` for :class:`BodyHead`, ``"fc"`` for
+    a torchvision ResNet, ``"3"`` for the last layer of an ``nn.Sequential``). The features are the
+    input the model gives that submodule; its output is the head's output on them. The other
+    arguments are :class:`MAML`'s, e.g. ``ANIL(model, head="fc", inner_steps=5, inner_lr=0.1)``.
+    """
 
     name = "anil"
     head_only = True
+
+    def __init__(self, model: nn.Module, *args: Any, head: str = "head", **kwargs: Any) -> None:
+        self.head_name = head
+        super().__init__(model, *args, **kwargs)
+
+    def _check_model(self) -> None:
+        names = [n for n, _ in self.model.named_modules() if n]
+        if self.head_name not in names:
+            raise ConfigError(f"ANIL adapts the head named by head=, but the model has no submodule "
+                              f"'{self.head_name}'; pass one of: {', '.join(names[-5:]) or 'none'}")
+        if not any(True for _ in self._inner_module().parameters()):
+            raise ConfigError(f"ANIL: the head '{self.head_name}' has no parameters to adapt; name the model's "
+                              "output layer with head=")
+
+    def _inner_module(self) -> nn.Module:
+        return self.model.get_submodule(self.head_name)
+
+    def _features(self, x: Tensor) -> Tensor:
+        """The model's forward pass on ``x``, stopped where it calls the head: the head's input."""
+
+        def stop(module: nn.Module, args: tuple[Any, ...]) -> None:
+            raise _HeadReached(args[0])
+
+        handle = self._inner_module().register_forward_pre_hook(stop)
+        try:
+            self.model(x)
+        except _HeadReached as reached:
+            return reached.features
+        finally:
+            handle.remove()
+        raise ConfigError(f"ANIL: the model's forward never called its head '{self.head_name}'; name the "
+                          "submodule that produces the model's output with head=")
 
 
 @METHODS.register("metasgd")

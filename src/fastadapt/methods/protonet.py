@@ -82,7 +82,7 @@ class ProtoNet(MetaLearner):
             losses.append(F.cross_entropy(logits, ep.query_y))
             accs.append(accuracy(logits.detach(), ep.query_y))
         loss = torch.stack(losses).mean()
-        return loss, {"loss": float(loss.detach()), "acc": sum(accs) / len(accs)}
+        return loss, {"loss": float(loss.detach()), "accuracy": sum(accs) / len(accs)}
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Tensor:
         ways = int(support_y.max()) + 1

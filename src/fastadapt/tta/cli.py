@@ -97,8 +97,8 @@ def _train_source(args: argparse.Namespace) -> int:
 
     if args.dataset != "cifar10":
         raise ConfigError(f"tta train-source supports --dataset cifar10 only, got '{args.dataset}'")
-    xtr, ytr = load_cifar10("train", args.data_dir)
-    xte, yte = load_cifar10("test", args.data_dir)
+    xtr, ytr = load_cifar10("train", args.data_dir, progress=not args.no_progress)
+    xte, yte = load_cifar10("test", args.data_dir, progress=not args.no_progress)
     cfg = dict(dataset=args.dataset, arch=args.arch, width=args.width, norm=args.norm,
                rotation_head=args.rotation_head, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                weight_decay=args.weight_decay, seed=args.seed, train_subset=args.train_subset,
