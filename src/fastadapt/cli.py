@@ -75,7 +75,7 @@ CORE_HELP: dict[str, tuple[dict[str, Any], str]] = {
     "val_every": ({"type": int}, "validate every N iterations (0: never)"),
     "val_episodes": ({"type": int}, "episodes per validation"),
     "max_train_seconds": ({"type": float}, "time budget: stop training (checkpointed) after this many seconds; 0: none"),
-    "threads": ({"type": int}, "CPU threads (0: one per core); recorded with every cost figure"),
+    "threads": ({"type": int}, "CPU threads (0: $OMP_NUM_THREADS if set, else one per core); recorded with every cost figure"),
     "eval_ways": ({"type": int}, "ways of the final test evaluation"),
     "eval_shots": ({"type": int}, "shots of the final test evaluation"),
     "eval_queries": ({"type": int}, "queries per class of the final test evaluation"),
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", choices=["train", "val", "test"], help="(default test)")
     e.add_argument("--data-dir", help="where the dataset is now, if it moved (default: the run's)")
     e.add_argument("--device", help="cpu or cuda (default: the run's)")
-    e.add_argument("--threads", type=int, help="CPU threads (default 0: one per core)")
+    e.add_argument("--threads", type=int, help="CPU threads (default 0: $OMP_NUM_THREADS if set, else one per core)")
     e.add_argument("--json", help="also write the results to this JSON file")
     e.add_argument("--no-progress", action="store_true")
     g = e.add_argument_group("method options (each method reads its own)")
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     tta = add_tta_parser(sub)
     for leaf in _subcommands(tta):
         if not any("--threads" in a.option_strings for a in leaf._actions):
-            leaf.add_argument("--threads", type=int, help="CPU threads (default 0: one per core)")
+            leaf.add_argument("--threads", type=int, help="CPU threads (default 0: $OMP_NUM_THREADS if set, else one per core)")
     return parser
 
 

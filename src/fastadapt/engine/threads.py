@@ -17,7 +17,11 @@ from ..errors import ConfigError
 
 
 def default_threads() -> int:
-    """One thread per available core (what PyTorch itself would use), at least one."""
+    """``OMP_NUM_THREADS`` when it is set, else one thread per available core (what PyTorch
+    itself would use), at least one."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
