@@ -182,10 +182,49 @@ def _ttt_model() -> ResNetCifar:
     return ResNetCifar(depth=8, norm="gn", rotation_head=True).eval()
 
 
-def test_ttt_trains_only_the_trunk_and_lowers_rotation_loss():
+def _reference_ttt_step(model: ResNetCifar, image: torch.Tensor, copies: int, lr: float, seed: int,
+                        head: str) -> ResNetCifar:
+    """One hand-written TTT step: the authors' adapt_single with SGD over ``ssh`` (trunk + rotation
+    head, ``ssh.train()``) or, for ``head="frozen"``, over the trunk only (``ssh.eval(); ext.train()``)."""
+    ref = deepcopy(model).eval()
+    gen = torch.Generator().manual_seed(seed)
+    x = random_crop_flip(image.unsqueeze(0).expand(copies, *image.shape), gen)
+    labels = torch.randint(0, 4, (copies,), generator=gen)
+    modules = [ref.trunk, ref.rot_head] if head == "train" else [ref.trunk]
+    for m in modules:
+        m.train()
+    params = [p for m in modules for p in m.parameters()]
+    loss = torch.nn.functional.cross_entropy(ref.rot_head(ref.trunk(rotate_batch(x, labels))), labels)
+    grads = torch.autograd.grad(loss, params)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p -= lr * g
+    return ref.eval()
+
+
+@pytest.mark.parametrize("head", ["train", "frozen"])
+def test_ttt_step_matches_the_authors_update(head):
+    torch.manual_seed(0)
+    model = _pretend_trained(ResNetCifar(depth=8, norm="bn", rotation_head=True))
+    before = deepcopy(model.state_dict())
+    image = torch.rand(3, 16, 16)
+    expected = _reference_ttt_step(model, image, copies=8, lr=0.05, seed=3, head=head)
+    ttt = TTT(model, online=True, steps=1, copies=8, lr=0.05, seed=3, head=head)
+    ttt.adapt(image)
+    got = model.state_dict()
+    for k, v in expected.state_dict().items():  # weights and BatchNorm statistics
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    for k, v in got.items():
+        if k.startswith("head."):  # the classification head is never touched
+            assert torch.equal(v, before[k]), k
+        if k.startswith("rot_head.") and v.is_floating_point():
+            assert torch.equal(v, before[k]) == (head == "frozen"), k
+
+
+def test_ttt_default_trains_trunk_and_rotation_head_and_lowers_rotation_loss():
     model = _ttt_model()
-    heads = {k: v.clone() for k, v in model.named_parameters() if not k.startswith("trunk.")}
-    trunk = {k: v.clone() for k, v in model.named_parameters() if k.startswith("trunk.")}
+    cls_head = {k: v.clone() for k, v in model.named_parameters() if k.startswith("head.")}
+    branch = {k: v.clone() for k, v in model.named_parameters() if not k.startswith("head.")}
     image = torch.rand(3, 16, 16)
 
     def full_rotation_loss():
@@ -199,9 +238,24 @@ def test_ttt_trains_only_the_trunk_and_lowers_rotation_loss():
     ttt.adapt(image)
     assert full_rotation_loss() < before
     for k, v in model.named_parameters():
+        if k in cls_head:
+            assert torch.equal(v, cls_head[k]), k
+    for part in ("trunk.", "rot_head."):
+        assert any(not torch.equal(v, branch[k]) for k, v in model.named_parameters() if k.startswith(part)), part
+
+
+def test_ttt_frozen_head_trains_only_the_trunk():
+    model = _ttt_model()
+    heads = {k: v.clone() for k, v in model.named_parameters() if not k.startswith("trunk.")}
+    ttt = TTT(model, online=False, steps=3, copies=8, lr=1e-2, head="frozen")
+    ttt.adapt(torch.rand(3, 16, 16))
+    for k, v in model.named_parameters():
         if k in heads:
             assert torch.equal(v, heads[k]), k
-    assert any(not torch.equal(v, trunk[k]) for k, v in model.named_parameters() if k in trunk)
+        else:
+            assert v.requires_grad
+    with pytest.raises(ConfigError, match="rotation-head"):
+        TTT(_ttt_model(), head="fixed")
 
 
 def test_ttt_standard_resets_per_image_online_keeps_weights():
@@ -224,15 +278,20 @@ def test_ttt_standard_resets_per_image_online_keeps_weights():
 def test_ttt_batchnorm_modes():
     torch.manual_seed(0)
     image = torch.rand(3, 16, 16)
-    for mode, moves in (("frozen", False), ("train", True)):
+    for bn, head, moving in (("frozen", "train", ()), ("train", "train", ("trunk.", "rot_head.")),
+                             ("train", "frozen", ("trunk.",))):
         model = ResNetCifar(depth=8, norm="bn", rotation_head=True).eval()
         stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
-        ttt = TTT(model, online=True, steps=2, copies=4, bn=mode)
+        ttt = TTT(model, online=True, steps=2, copies=4, bn=bn, head=head)
         ttt(image.unsqueeze(0))
-        changed = any(not torch.equal(v, stats[k]) for k, v in model.state_dict().items() if k in stats)
-        assert changed == moves and not model.training
-        for k, v in model.state_dict().items():  # only the trunk adapts; the heads' statistics stay
-            if k in stats and not k.startswith("trunk."):
+        assert not model.training
+        for part in ("trunk.", "rot_head.", "head."):  # the classification head's statistics always stay
+            changed = any(not torch.equal(v, stats[k]) for k, v in model.state_dict().items()
+                          if k in stats and k.startswith(part))
+            assert changed == (part in moving), (bn, head, part)
+        ttt.reset()
+        for k, v in model.state_dict().items():
+            if k in stats:
                 assert torch.equal(v, stats[k]), k
     with pytest.raises(ConfigError):
         TTT(_ttt_model(), bn="batch")

@@ -52,7 +52,7 @@ def build_adapter(method: str, model: nn.Module, options: dict[str, Any] | None 
     """A fresh adapter around a deep copy of ``model`` (the source model is never modified).
 
     ``options``: ``lr``, ``steps``, ``episodic`` for TENT; ``lr``, ``steps``, ``copies``, ``seed``,
-    ``ttt_bn`` ("frozen" or "train") for TTT.
+    ``ttt_bn`` and ``ttt_head`` ("train", the default, or "frozen") for TTT.
     """
     _check_method(method)
     opts = dict(options or {})
@@ -66,7 +66,7 @@ def build_adapter(method: str, model: nn.Module, options: dict[str, Any] | None 
                           episodic=bool(opts.get("episodic", False)))
     return TTT(model, online=method == "ttt-online", steps=opts.get("steps") or None,
                copies=int(opts.get("copies") or 32), lr=float(opts.get("lr") or 1e-3), seed=int(opts.get("seed") or 0),
-               bn=str(opts.get("ttt_bn") or "train"))
+               bn=str(opts.get("ttt_bn") or "train"), head=str(opts.get("ttt_head") or "train"))
 
 
 def _sync(device: torch.device) -> None:

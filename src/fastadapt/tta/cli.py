@@ -74,6 +74,9 @@ def add_tta_parser(subparsers: Any) -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, default=None, help="TENT: steps per batch (1); TTT: per image (10; online 1)")
     ev.add_argument("--episodic", action="store_true", help="TENT: reset to the source model after every batch")
     ev.add_argument("--copies", type=int, default=32, help="TTT: augmented copies per step")
+    ev.add_argument("--ttt-head", default="train", choices=["train", "frozen"],
+                    help="TTT: train the rotation head together with the shared trunk (default, as the authors' "
+                         "code) or keep the head frozen and train the trunk only")
     ev.add_argument("--ttt-bn", default="train", choices=["train", "frozen"],
                     help="TTT on a BatchNorm model: BatchNorm in train mode during the steps (default, as the "
                          "authors' code) or frozen source statistics")
@@ -119,7 +122,7 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         raise ConfigError(f"unknown corruption '{args.corruption}'; choose one of {', '.join(CORRUPTIONS)}, all, {CLEAN}")
     options = {"lr": args.lr, "steps": args.steps, "episodic": args.episodic, "copies": args.copies,
-               "ttt_bn": args.ttt_bn}
+               "ttt_bn": args.ttt_bn, "ttt_head": args.ttt_head}
     results = evaluate_run(args.run_dir, args.method, names, args.severity, args.data_dir, args.batch_size,
                            args.max_images, args.seed, options, args.frost_dir, args.device,
                            not args.no_progress, on_result=lambda r: print(format_tta_result(r), flush=True))
