@@ -302,6 +302,37 @@ def test_ttt_needs_a_rotation_head():
         TTT(ResNetCifar(depth=8))
 
 
+# ----------------------------------------------------------------------------- source training
+
+def test_joint_source_training_step_uses_separate_clean_and_rotated_passes(tmp_path):
+    """One step of train_source against the authors' loop: loss = CE(net(x), y) + CE(ssh(rot(x)), r),
+    each a forward pass of its own, so BatchNorm sees the clean and the rotated batch separately."""
+    from fastadapt.tta.augment import random_rotation_labels, to_float
+    from fastadapt.tta.train_source import DEFAULTS, load_source_model, model_from_config, train_source
+
+    g = torch.Generator().manual_seed(7)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (8,), generator=g)
+    cfg = {**DEFAULTS, "rotation_head": True, "epochs": 1, "batch_size": 8, "lr": 0.05, "seed": 0}
+    train_source(cfg, tmp_path / "run", images, labels, progress=False)
+    got, _ = load_source_model(tmp_path / "run")
+
+    torch.manual_seed(0)
+    ref = model_from_config(cfg).train()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    gen = torch.Generator().manual_seed(0)
+    perm = torch.randperm(8, generator=gen)
+    x = random_crop_flip(to_float(images[perm]), gen)
+    r = random_rotation_labels(8, gen)
+    ce = torch.nn.functional.cross_entropy
+    loss = ce(ref(x), labels[perm]) + ce(ref.rot_head(ref.trunk(rotate_batch(x, r))), r)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(got.state_dict()[k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
 # --------------------------------------------------------------------------- evaluation loop
 
 @pytest.mark.parametrize("method", ["source", "bn", "tent", "ttt", "ttt-online"])

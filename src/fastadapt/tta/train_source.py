@@ -4,7 +4,9 @@ Supervised CIFAR-10 training with the standard augmentation (4-pixel zero-padded
 horizontal flip), SGD with momentum and weight decay and a cosine learning-rate schedule. With a
 rotation head the loss is the joint objective of Sun et al. (ICML 2020): cross-entropy of the
 classes plus cross-entropy of the rotation of a randomly rotated copy of each training image,
-through the shared trunk. Checkpoints are written atomically after every epoch and a run resumes
+through the shared trunk. As in their training loop (``main.py``), the clean batch and the rotated
+batch go through the network in two separate forward passes, so each is normalised with its own
+BatchNorm statistics (and the running statistics take one update from each). Checkpoints are written atomically after every epoch and a run resumes
 exactly where it stopped.
 """
 
