@@ -30,6 +30,7 @@ import torch
 from fastadapt.io import atomic_write_text
 from fastadapt.engine.tta_eval import evaluate_run, format_tta_result
 from fastadapt.tta.corruptions import CORRUPTIONS
+from fastadapt.tta.train_source import read_run
 
 PAPER = {
     "source": "ResNet-26, severity 5, mean over 15 corruptions: 40.8 (TENT paper, Table 2)",
@@ -99,8 +100,7 @@ def main() -> int:
     methods = args.methods.split(",")
     names = list(CORRUPTIONS) if args.corruptions == "all" else args.corruptions.split(",")
     run = Path(args.run)
-    model_cfg = json.loads((run / "config.json").read_text())
-    summary = json.loads((run / "summary.json").read_text())
+    model_cfg, summary = read_run(run)
     images = {"source": args.max_images, "bn": args.max_images, "tent": args.max_images,
               "ttt": args.ttt_images, "ttt-online": args.ttt_online_images}
     settings = {"severity": args.severity, "seed": args.seed, "images": images}

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from fastadapt.data import cifar10 as C10
@@ -155,8 +156,8 @@ def test_cli_train_source_then_eval(tmp_path, capsys):
     run = tmp_path / "run"
     rc = tta_main(["tta", "train-source", "--data-dir", str(tmp_path / "d"), "--arch", "resnet8", "--rotation-head",
                    "--epochs", "1", "--batch-size", "16", "--out", str(run), "--no-progress"])
-    assert rc == 0 and (run / "model.pt").is_file()
-    assert json.loads((run / "config.json").read_text())["rotation_head"] is True
+    assert rc == 0 and (run / "checkpoint.pt").is_file()
+    assert yaml.safe_load((run / "config.yaml").read_text())["rotation_head"] is True
     out = capsys.readouterr().out
     assert "clean test error" in out
     js = tmp_path / "r.json"
@@ -178,3 +179,89 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert rc == 2 and err.startswith("error:") and err.count("\n") == 1
     with pytest.raises(SystemExit):
         tta_main(["tta", "eval", str(tmp_path), "--method", "bn", "--severity", "7"])
+
+
+# ------------------------------------------------------------------------- train-source outputs
+
+def _train_args(data: Path, run: Path, *extra: str) -> list[str]:
+    return ["tta", "train-source", "--data-dir", str(data), "--arch", "resnet8", "--rotation-head",
+            "--batch-size", "16", "--log-every", "1", "--out", str(run), "--no-progress", *extra]
+
+
+def test_cli_train_source_writes_the_files_of_fastadapt_train(tmp_path, capsys):
+    make_jpg_archive(tmp_path / "d", "train", 6, seed=1)
+    make_jpg_archive(tmp_path / "d", "test", 2, seed=2)
+    run = tmp_path / "run"
+    assert tta_main(_train_args(tmp_path / "d", run, "--epochs", "2")) == 0
+    assert "results.json" in capsys.readouterr().out
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "checkpoint.pt", "metrics.jsonl",
+                                              "learning_curve.png", "results.json"}
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["epochs"] == 2 and cfg["batch_size"] == 16 and cfg["lr"] == 0.1 and cfg["momentum"] == 0.9
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))  # 60 images / 16 = 3 iterations per epoch
+    assert all(0 <= r["acc"] <= 1 and r["rot_loss"] > 0 and r["loss"] > r["rot_loss"] for r in rows)
+    assert (run / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    res = json.loads((run / "results.json").read_text())
+    assert 0 <= res["clean_test_error"] <= 100 and res["test_images"] == 20 and res["train_seconds"] > 0
+    assert res["cost_context"]["threads"] == torch.get_num_threads() and "load_avg" in res["cost_context"]
+
+
+def test_train_source_stopped_mid_epoch_resumes_to_the_same_run(tmp_path):
+    from fastadapt.tta.train_source import DEFAULTS, load_source_model, saved_progress, train_source
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (48,), generator=g)
+    cfg = {**DEFAULTS, "rotation_head": True, "epochs": 2, "batch_size": 16, "log_every": 1}
+    train_source(cfg, tmp_path / "whole", x, y, progress=False)
+    calls = []
+    with pytest.raises(KeyboardInterrupt):
+        train_source(cfg, tmp_path / "cut", x, y, progress=False, stop=lambda: calls.append(1) or len(calls) == 2)
+    assert saved_progress(tmp_path / "cut") == {"epoch": 0, "step": 2, "iteration": 2, "steps_per_epoch": 3,
+                                                "epochs": 2}
+    train_source(cfg, tmp_path / "cut", x, y, progress=False)
+    a, _ = load_source_model(tmp_path / "whole")
+    b, _ = load_source_model(tmp_path / "cut")
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+    def rows(run):
+        return [{k: v for k, v in json.loads(line).items() if k != "train_seconds"}
+                for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert rows(tmp_path / "cut") == rows(tmp_path / "whole")
+
+
+def test_ctrl_c_during_train_source_says_where_the_run_was_saved(tmp_path, capsys, monkeypatch):
+    import signal
+
+    from fastadapt.tta import train_source as TS
+
+    make_jpg_archive(tmp_path / "d", "train", 6, seed=1)
+    make_jpg_archive(tmp_path / "d", "test", 2, seed=2)
+    run = tmp_path / "run"
+    crop, calls = TS.random_crop_flip, []
+
+    def crop_then_ctrl_c(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:  # during the second iteration of the second epoch
+            os.kill(os.getpid(), signal.SIGINT)
+        return crop(*a, **k)
+
+    monkeypatch.setattr(TS, "random_crop_flip", crop_then_ctrl_c)
+    try:
+        rc = tta_main(_train_args(tmp_path / "d", run, "--epochs", "2"))
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped 'tta train-source' without saying what was saved")
+    err = capsys.readouterr().err
+    assert rc == 130 and "in epoch 2 of 2 after iteration 2 of 3 (iteration 5 in all)" in err
+    assert "resume" in err and "checkpointed" not in err
+    assert TS.saved_progress(run)["iteration"] == 5 and (run / "learning_curve.png").is_file()
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(C10, "load_cifar10", ctrl_c)
+    rc = tta_main(_train_args(tmp_path / "d", tmp_path / "fresh", "--epochs", "2"))
+    assert rc == 130 and "nothing was saved yet" in capsys.readouterr().err

@@ -125,8 +125,12 @@ def _read_metrics(path: Path, upto: int | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_learning_curve(metrics_path: Path, out_path: Path) -> None:
-    """Training loss and accuracy (and validation accuracy when logged) against iterations."""
+def plot_learning_curve(metrics_path: Path, out_path: Path, keys: tuple[str, ...] = ("loss", "acc"),
+                        xlabel: str = "meta-iteration") -> None:
+    """Training loss and accuracy (and validation accuracy when logged) against iterations.
+
+    ``keys``: the logged training quantities to draw, one panel each (those the log has);
+    ``xlabel`` names the ``step`` axis."""
     rows = _read_metrics(metrics_path)
     if not rows:
         return
@@ -137,13 +141,13 @@ def plot_learning_curve(metrics_path: Path, out_path: Path) -> None:
 
     train = [r for r in rows if "loss" in r]
     val = [r for r in rows if "val_accuracy" in r or "val_mse" in r]
-    keys = [k for k in ("loss", "acc") if train and k in train[0]]
+    keys = [k for k in keys if train and k in train[0]]
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
     for ax, key in zip(axes[0], keys):
         ax.plot([r["step"] for r in train], [r[key] for r in train], lw=1, label=f"train {key}")
         if key == "acc" and val:
             ax.plot([r["step"] for r in val], [r.get("val_accuracy", 0) / 100 for r in val], "o-", label="val accuracy")
-        ax.set_xlabel("meta-iteration")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
         ax.legend()

@@ -56,8 +56,11 @@ def add_tta_parser(subparsers: Any) -> argparse.ArgumentParser:
     tr.add_argument("--weight-decay", type=float, default=5e-4)
     tr.add_argument("--train-subset", type=int, default=0, help="train on a seeded subset of this size (0: all)")
     tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--log-every", type=int, default=50, help="iterations between lines of metrics.jsonl")
     tr.add_argument("--device", default="cpu")
-    tr.add_argument("--out", required=True, help="run folder (resumed if it holds a checkpoint)")
+    tr.add_argument("--out", required=True,
+                    help="run folder: config.yaml, checkpoint.pt, metrics.jsonl, learning_curve.png, results.json "
+                         "(resumed if it holds a checkpoint; Ctrl-C checkpoints the run where it is)")
     tr.add_argument("--no-progress", action="store_true")
 
     ev = sub.add_parser("eval", help="error (%% ± 95%% CI) and cost of a method on corrupted CIFAR-10")
@@ -94,21 +97,57 @@ def run_tta(args: argparse.Namespace) -> int:
     return _eval(args)
 
 
+def _saved_message(out: Path) -> str:
+    """What a stopped train-source run left on disk, for the one line printed on Ctrl-C."""
+    from .train_source import saved_progress
+
+    try:
+        p = saved_progress(out)
+    except FastAdaptError as exc:
+        return f"interrupted: the checkpoint in {out} cannot be read ({exc})"
+    if p is None:
+        return f"interrupted: nothing was saved yet (no checkpoint in {out}); the same command starts afresh"
+    if p["step"]:
+        where = (f"in epoch {p['epoch'] + 1} of {p['epochs']} after iteration {p['step']} of "
+                 f"{p['steps_per_epoch']} (iteration {p['iteration']} in all)")
+    else:
+        where = f"at the end of epoch {p['epoch']} of {p['epochs']} (iteration {p['iteration']} in all)"
+    return f"interrupted: the run in {out} is saved {where}; run the same command again to resume from there"
+
+
 def _train_source(args: argparse.Namespace) -> int:
     from ..data.cifar10 import load_cifar10
-    from .train_source import train_source
+    from ..engine.threads import cost_context
+    from ..engine.trainer import _StopRequest, plot_learning_curve  # Ctrl-C/SIGTERM -> stop between iterations
+    from .train_source import CURVE_FILE, LOG_FILE, RESULTS_FILE, train_source
 
     if args.dataset != "cifar10":
         raise ConfigError(f"tta train-source supports --dataset cifar10 only, got '{args.dataset}'")
-    xtr, ytr = load_cifar10("train", args.data_dir)
-    xte, yte = load_cifar10("test", args.data_dir)
+    out = Path(args.out)
     cfg = dict(dataset=args.dataset, arch=args.arch, width=args.width, norm=args.norm,
                rotation_head=args.rotation_head, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                weight_decay=args.weight_decay, seed=args.seed, train_subset=args.train_subset,
-               data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None)
-    summary = train_source(cfg, args.out, xtr, ytr, xte, yte, device=args.device, progress=not args.no_progress)
+               log_every=args.log_every, data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None)
+    try:
+        xtr, ytr = load_cifar10("train", args.data_dir)
+        xte, yte = load_cifar10("test", args.data_dir)
+        with _StopRequest() as stop:
+            summary = train_source(cfg, out, xtr, ytr, xte, yte, device=args.device,
+                                   progress=not args.no_progress, stop=lambda: stop.requested)
+    except KeyboardInterrupt:
+        print("\n" + _saved_message(out), file=sys.stderr)
+        return 130
+    finally:
+        if (out / LOG_FILE).is_file():
+            plot_learning_curve(out / LOG_FILE, out / CURVE_FILE, keys=("loss", "rot_loss", "acc"), xlabel="iteration")
+    results = {**summary, "arch": args.arch, "norm": args.norm, "rotation_head": args.rotation_head,
+               "device": args.device, "cost_context": cost_context(),
+               "command": " ".join(["fastadapt"] + sys.argv[1:]), "date": datetime.now(timezone.utc).isoformat(),
+               "platform": platform.platform(), "torch": torch.__version__}
+    atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
     print(f"trained {args.arch} for {summary['epochs']} epochs in {summary['train_seconds']:.0f} s; "
-          f"clean test error {summary['clean_test_error']:.2f} %; saved to {args.out}")
+          f"clean test error {summary['clean_test_error']:.2f} ± {summary['clean_test_ci95']:.2f} %")
+    print(f"outputs: {out}/ (config.yaml, checkpoint.pt, metrics.jsonl, learning_curve.png, results.json)")
     return 0
 
 
