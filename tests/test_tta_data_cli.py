@@ -265,3 +265,87 @@ def test_ctrl_c_during_train_source_says_where_the_run_was_saved(tmp_path, capsy
     monkeypatch.setattr(C10, "load_cifar10", ctrl_c)
     rc = tta_main(_train_args(tmp_path / "d", tmp_path / "fresh", "--epochs", "2"))
     assert rc == 130 and "nothing was saved yet" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ tta eval: frost, partial results
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A one-epoch ResNet-8 source run with a rotation head on miniature CIFAR-10 archives."""
+    root = tmp_path_factory.mktemp("tiny")
+    make_jpg_archive(root / "d", "train", 6, seed=1)
+    make_jpg_archive(root / "d", "test", 2, seed=2)
+    assert tta_main(_train_args(root / "d", root / "run", "--epochs", "1")) == 0
+    return root / "run"
+
+
+@pytest.fixture
+def no_frost(monkeypatch):
+    from fastadapt.tta import corruptions as C
+
+    def missing(frost_dir):
+        raise DataError("frost needs the frost photographs frost1.png ... frost5.jpg: pip install --no-deps "
+                        "imagecorruptions, or set FASTADAPT_FROST_DIR to a folder holding them")
+
+    monkeypatch.setattr(C, "_frost_dir", missing)
+
+
+def _eval_args(run: Path, *extra: str) -> list[str]:
+    return ["tta", "eval", str(run), "--method", "source", "--max-images", "4", "--batch-size", "4",
+            "--no-progress", *extra]
+
+
+def test_eval_all_without_frost_photographs_skips_frost_up_front(tiny_run, tmp_path, capsys, no_frost):
+    from fastadapt.tta.corruptions import CORRUPTIONS
+
+    js = tmp_path / "all.json"
+    assert tta_main(_eval_args(tiny_run, "--corruption", "all", "--json", str(js))) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("warning: skipping frost") and err.count("\n") == 1 and "imagecorruptions" in err
+    doc = json.loads(js.read_text())
+    assert [r["corruption"] for r in doc["results"]] == [c for c in CORRUPTIONS if c != "frost"]
+    assert doc["complete"] is True and list(doc["skipped"]) == ["frost"]
+    assert "mean error over 14 corruptions (frost skipped)" in out
+
+
+def test_eval_frost_by_name_without_photographs_fails_before_any_work(tmp_path, capsys, no_frost):
+    rc = tta_main(_eval_args(tmp_path / "no-such-run", "--corruption", "frost"))
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: frost needs the frost photographs") and err.count("\n") == 1
+
+
+def _fail_on_second_corruption(monkeypatch, exc: BaseException) -> None:
+    from fastadapt.engine import tta_eval
+
+    real, calls = tta_eval.corrupt_dataset, []
+
+    def corrupt(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise exc
+        return real(*a, **k)
+
+    monkeypatch.setattr(tta_eval, "corrupt_dataset", corrupt)
+
+
+def test_eval_saves_each_finished_corruption_so_a_failure_keeps_it(tiny_run, tmp_path, capsys, monkeypatch,
+                                                                  no_frost):
+    _fail_on_second_corruption(monkeypatch, DataError("disk full"))
+    js = tmp_path / "partial.json"
+    rc = tta_main(_eval_args(tiny_run, "--corruption", "all", "--json", str(js)))
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 2 and err[-1].startswith("error: disk full") and f"saved in {js}" in err[-1]
+    doc = json.loads(js.read_text())
+    assert doc["complete"] is False and [r["corruption"] for r in doc["results"]] == ["gaussian_noise"]
+
+
+def test_ctrl_c_during_eval_claims_no_checkpoint_and_keeps_finished_results(tiny_run, tmp_path, capsys,
+                                                                         monkeypatch, no_frost):
+    from fastadapt.cli import main as fastadapt_main
+
+    _fail_on_second_corruption(monkeypatch, KeyboardInterrupt())
+    js = tmp_path / "stopped.json"
+    rc = fastadapt_main(_eval_args(tiny_run, "--corruption", "all", "--json", str(js)))
+    err = capsys.readouterr().err
+    assert rc == 130 and "checkpoint" not in err and f"the 1 finished corruption(s) are saved in {js}" in err
+    assert [r["corruption"] for r in json.loads(js.read_text())["results"]] == ["gaussian_noise"]

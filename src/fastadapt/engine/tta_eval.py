@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..data.cifar10 import load_cifar10
 from ..errors import ConfigError
 from ..progress import progress_bar
-from ..tta.corruptions import corrupt_dataset
+from ..tta.corruptions import corrupt_dataset, frost_photographs
 from ..tta.train_source import load_source_model
 from ..tta.augment import to_float
 from ..tta.bn import BNAdapt
@@ -145,7 +145,14 @@ def evaluate_run(
     progress: bool = True,
     on_result=None,
 ) -> list[dict[str, Any]]:
-    """Evaluate ``method`` on each corruption in turn, each from the source model afresh."""
+    """Evaluate ``method`` on each corruption in turn, each from the source model afresh.
+
+    ``on_result(result)`` is called as each corruption completes. Frost's photographs are looked
+    for before any work, so a missing one fails at once (``DataError``), not after the others.
+    """
+    _check_method(method)
+    if "frost" in corruptions:
+        frost_photographs(frost_dir)
     model, cfg = load_source_model(run_dir, device)
     images, labels = load_cifar10("test", data_dir if data_dir is not None else cfg.get("data_dir"))
     order = stream_order(len(labels), seed, max_images)

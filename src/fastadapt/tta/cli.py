@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from ..engine.tta_eval import CLEAN, TTA_METHODS
-from ..errors import ConfigError, FastAdaptError
+from ..errors import ConfigError, DataError, FastAdaptError
 from ..io import atomic_write_text
-from .corruptions import CORRUPTIONS
+from .corruptions import CORRUPTIONS, frost_photographs
 
 
 
@@ -66,7 +66,9 @@ def add_tta_parser(subparsers: Any) -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="error (%% ± 95%% CI) and cost of a method on corrupted CIFAR-10")
     ev.add_argument("run_dir", help="folder written by 'fastadapt tta train-source'")
     ev.add_argument("--method", required=True, choices=list(TTA_METHODS))
-    ev.add_argument("--corruption", default="all", help=f"one of {', '.join(CORRUPTIONS)}, 'all' or '{CLEAN}'")
+    ev.add_argument("--corruption", default="all",
+                    help=f"one of {', '.join(CORRUPTIONS)}, 'all' or '{CLEAN}' (all: frost is skipped with a warning "
+                         "when its photographs are not installed)")
     ev.add_argument("--severity", type=_severity, default=5)
     ev.add_argument("--data-dir", default=None, help="CIFAR-10 folder (default: the one used for training)")
     ev.add_argument("--batch-size", type=int, default=128, help="test batch size (TENT paper: 128)")
@@ -85,7 +87,8 @@ def add_tta_parser(subparsers: Any) -> argparse.ArgumentParser:
                          "authors' code) or frozen source statistics")
     ev.add_argument("--frost-dir", default=None, help="folder with the frost photographs (frost1.png ...)")
     ev.add_argument("--device", default="cpu")
-    ev.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ev.add_argument("--json", default=None,
+                    help="also write the results to this JSON file, rewritten as each corruption completes")
     ev.add_argument("--no-progress", action="store_true")
     tta.set_defaults(handler=run_tta)
     return tta
@@ -151,29 +154,75 @@ def _train_source(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
-    from ..engine.tta_eval import evaluate_run, format_tta_result
-
+def _corruption_names(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """The corruptions to run and those skipped (name -> why), checked before any work."""
     if args.corruption == "all":
         names = list(CORRUPTIONS)
     elif args.corruption in CORRUPTIONS or args.corruption == CLEAN:
         names = [args.corruption]
     else:
         raise ConfigError(f"unknown corruption '{args.corruption}'; choose one of {', '.join(CORRUPTIONS)}, all, {CLEAN}")
+    skipped: dict[str, str] = {}
+    if "frost" in names:
+        try:
+            frost_photographs(args.frost_dir)
+        except DataError:
+            if args.corruption == "frost":
+                raise  # asked for by name: fail at once
+            names.remove("frost")
+            skipped["frost"] = "frost photographs not installed"
+            print("warning: skipping frost: its photographs are not installed (pip install --no-deps "
+                  "imagecorruptions, set FASTADAPT_FROST_DIR, or pass --frost-dir to include it)",
+                  file=sys.stderr, flush=True)
+    return names, skipped
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ..engine.tta_eval import evaluate_run, format_tta_result
+
+    names, skipped = _corruption_names(args)
     options = {"lr": args.lr, "steps": args.steps, "episodic": args.episodic, "copies": args.copies,
                "ttt_bn": args.ttt_bn, "ttt_head": args.ttt_head}
-    results = evaluate_run(args.run_dir, args.method, names, args.severity, args.data_dir, args.batch_size,
-                           args.max_images, args.seed, options, args.frost_dir, args.device,
-                           not args.no_progress, on_result=lambda r: print(format_tta_result(r), flush=True))
-    summary: dict[str, Any] = {"results": results}
+    results: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {
+        "complete": False, "corruptions": names, "skipped": skipped, "results": results,
+        "command": " ".join(["fastadapt"] + sys.argv[1:]), "date": datetime.now(timezone.utc).isoformat(),
+        "platform": platform.platform(), "torch": torch.__version__, "options": options,
+    }
+
+    def save() -> None:  # after every corruption, so a failed or stopped run keeps what it finished
+        if args.json:
+            atomic_write_text(args.json, json.dumps(summary, indent=2) + "\n")
+
+    def on_result(r: dict[str, Any]) -> None:
+        results.append(r)
+        print(format_tta_result(r), flush=True)
+        save()
+
+    def finished() -> str:
+        if not results:
+            return "no corruption was finished, nothing was saved"
+        where = f"saved in {args.json}" if args.json else "printed above (--json FILE saves them)"
+        return f"the {len(results)} finished corruption(s) are {where}"
+
+    try:
+        evaluate_run(args.run_dir, args.method, names, args.severity, args.data_dir, args.batch_size,
+                     args.max_images, args.seed, options, args.frost_dir, args.device, not args.no_progress,
+                     on_result=on_result)
+    except KeyboardInterrupt:  # evaluation keeps no checkpoint: say what is kept
+        print(f"\ninterrupted: {finished()}", file=sys.stderr)
+        return 130
+    except FastAdaptError as exc:
+        if results:
+            raise type(exc)(f"{exc} ({finished()})") from exc
+        raise
+    summary["complete"] = True
     if len(results) > 1:
         mean = sum(r["error"] for r in results) / len(results)
         summary["mean_error"] = mean
-        print(f"mean error over {len(results)} corruptions at severity {args.severity}: {mean:.2f} %")
-    if args.json:
-        summary.update(command=" ".join(["fastadapt"] + sys.argv[1:]), date=datetime.now(timezone.utc).isoformat(),
-                       platform=platform.platform(), torch=torch.__version__, options=options)
-        atomic_write_text(args.json, json.dumps(summary, indent=2) + "\n")
+        note = f" ({', '.join(skipped)} skipped)" if skipped else ""
+        print(f"mean error over {len(results)} corruptions{note} at severity {args.severity}: {mean:.2f} %")
+    save()
     return 0
 
 
