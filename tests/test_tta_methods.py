@@ -13,6 +13,7 @@ from fastadapt.errors import ConfigError, FastAdaptError
 from fastadapt.models.resnet_cifar import ResNetCifar
 from fastadapt.tta import BNAdapt, TTT, Tent, collect_params, configure_model, setup_tent, softmax_entropy
 from fastadapt.tta.augment import random_crop_flip, rotate_batch
+from fastadapt.engine.stats import mean_ci95
 from fastadapt.engine.tta_eval import build_adapter, run_stream, stream_order
 
 
@@ -354,3 +355,73 @@ def test_stream_order_is_seeded_subset():
     assert not torch.equal(stream_order(100, 1, 10), a)
     with pytest.raises(ConfigError):
         build_adapter("tent++", ResNetCifar(depth=8))
+
+
+class _FixedOutcomes(nn.Module):
+    """Predicts class 1 for the images of batch ``k`` that ``wrong(k, i)`` says; the label is 0."""
+
+    def __init__(self, wrong):
+        super().__init__()
+        self.wrong, self.k = wrong, 0
+
+    def forward(self, x):
+        w = torch.tensor([self.wrong(self.k, i) for i in range(len(x))])
+        self.k += 1
+        return torch.stack([(~w).float(), w.float()], 1)
+
+
+def _stream(wrong, ci, n=128, batch=16):
+    images = torch.zeros(n, 3, 4, 4, dtype=torch.uint8)
+    return run_stream(_FixedOutcomes(wrong), images, torch.zeros(n, dtype=torch.long), batch, progress=False, ci=ci)
+
+
+def test_batch_ci_is_wider_when_errors_are_correlated_within_batches():
+    from scipy.stats import t
+
+    wrong = lambda k, i: k % 2 == 0  # whole batches right or wrong: 8 batches, not 128 trials
+    per_image, per_batch = _stream(wrong, "image"), _stream(wrong, "batch")
+    assert per_image["error"] == per_batch["error"] == 50.0
+    assert per_image["ci95"] == pytest.approx(1.96 * np.std([100.0] * 64 + [0.0] * 64, ddof=1) / np.sqrt(128))
+    batch_errors = [100.0, 0.0] * 4
+    assert per_batch["ci95"] == pytest.approx(t.ppf(0.975, 7) * np.std(batch_errors, ddof=1) / np.sqrt(8))
+    assert per_batch["ci95"] > 4 * per_image["ci95"]
+    assert per_batch["ci_method"].startswith("batch means") and per_image["ci_method"].startswith("per-image")
+    # half of every batch wrong: batches agree exactly, so the batch-level interval is narrower
+    balanced = _stream(lambda k, i: i % 2 == 0, "batch")
+    assert balanced["error"] == 50.0 and balanced["ci95"] == 0.0 < per_image["ci95"]
+
+
+def test_batch_ci_weights_a_short_last_batch_and_needs_two_batches():
+    from fastadapt.engine.stats import batch_mean_ci95
+
+    values = [100.0] * 10 + [0.0] * 10 + [100.0] * 5  # batches of 10, 10, 5
+    mean, half = batch_mean_ci95(values, 10)
+    assert mean == 60.0
+    sizes, means = np.array([10, 10, 5]), np.array([100.0, 0.0, 100.0])
+    var = 3 / 2 * np.sum((sizes * (means - 60.0)) ** 2) / 25 ** 2
+    from scipy.stats import t
+
+    assert half == pytest.approx(t.ppf(0.975, 2) * np.sqrt(var))
+    assert batch_mean_ci95([0.0, 100.0], 4) == (50.0, None)
+    one = _stream(lambda k, i: i == 0, "batch", n=8, batch=8)
+    assert one["ci95"] is None and "single batch" in one["ci_method"]
+
+
+@pytest.mark.parametrize("method,kind", [("source", "per-image"), ("ttt", "per-image"), ("bn", "batch means"),
+                                         ("tent", "batch means"), ("ttt-online", "batch means")])
+def test_each_method_records_its_ci_method(method, kind, monkeypatch):
+    from fastadapt.engine import tta_eval
+    from fastadapt.engine.stats import batch_mean_ci95
+    from fastadapt.engine.tta_eval import evaluate_run, unpack_wrong
+
+    model = ResNetCifar(depth=8, rotation_head=True).eval()
+    images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (12,))
+    monkeypatch.setattr(tta_eval, "load_source_model", lambda run, device: (model, {"arch": "resnet8"}))
+    monkeypatch.setattr(tta_eval, "load_cifar10", lambda split, data_dir: (images, labels))
+    r = evaluate_run("run", method, ["clean"], 5, batch_size=4, options={"steps": 1, "copies": 2}, progress=False)[0]
+    assert r["ci_method"].startswith(kind)
+    wrong = [100.0 * w for w in unpack_wrong(r["wrong_bits"], 12)]
+    assert sum(wrong) / 12 == pytest.approx(r["error"])
+    ref = mean_ci95(wrong)[1] if kind == "per-image" else batch_mean_ci95(wrong, 4)[1]
+    assert r["ci95"] == pytest.approx(ref)
