@@ -168,6 +168,9 @@ def test_cli_train_source_then_eval(tmp_path, capsys):
     assert "contrast" in out and "±" in out and "ms/batch" in out
     res = json.loads(js.read_text())["results"][0]
     assert res["images"] == 20 and res["method"] == "tent" and res["severity"] == 3
+    cost = res["cost_context"]  # every cost figure says on how many threads and under what load
+    assert cost["threads"] == torch.get_num_threads() and cost["cpu_count"] == os.cpu_count()
+    assert len(cost["load_avg"]) == 3 and len(cost["load_avg_at_start"]) == 3
     rc = tta_main(["tta", "eval", str(run), "--method", "ttt-online", "--corruption", "pixelate", "--max-images", "3",
                    "--copies", "4", "--no-progress"])
     assert rc == 0 and "3 images" in capsys.readouterr().out

@@ -13,7 +13,8 @@ far), so the interval comes from the errors of the batches, as independent-ish b
 batches). Each result records the method used (``ci_method``) and the per-image outcomes
 (``wrong_bits``) for paired comparisons. Cost is wall time per batch and per image (adaptation
 and prediction together, as they are one pass for TENT and inseparable for TTT) and the peak
-memory of the whole stream.
+memory of the whole stream, recorded with what they depend on (``cost_context``: PyTorch's thread
+count, the number of cores, and the load average at the start and the end of the stream).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ..tta.tent import setup_tent
 from ..tta.ttt import TTT
 from .memory import PeakMemory
 from .stats import batch_mean_ci95, mean_ci95, median
+from .threads import cost_context, load_average
 
 TTA_METHODS = ("source", "bn", "tent", "ttt", "ttt-online")
 CLEAN = "clean"
@@ -139,6 +141,7 @@ def run_stream(
     wrong: list[float] = []
     batch_ms: list[float] = []
     total = 0.0
+    load_before = load_average()
     with PeakMemory(device) as pm:
         for i in progress_bar(range(0, len(images), batch_size), enabled=progress, desc=desc):
             x = to_float(images[i : i + batch_size].to(device))
@@ -164,6 +167,7 @@ def run_stream(
         "peak_mem_mb": pm.peak_mb,
         "peak_mem_kind": pm.kind,
         "device": str(device),
+        "cost_context": {**cost_context(), "load_avg_at_start": load_before},
     }
 
 

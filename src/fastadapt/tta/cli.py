@@ -182,6 +182,7 @@ def _corruption_names(args: argparse.Namespace) -> tuple[list[str], dict[str, st
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from ..engine.threads import cost_context
     from ..engine.tta_eval import evaluate_run, format_tta_result
 
     names, skipped = _corruption_names(args)
@@ -221,6 +222,7 @@ def _eval(args: argparse.Namespace) -> int:
             raise type(exc)(f"{exc} ({finished()})") from exc
         raise
     summary["complete"] = True
+    summary["cost_context"] = cost_context()
     if len(results) > 1:
         mean = sum(r["error"] for r in results) / len(results)
         summary["mean_error"] = mean
