@@ -64,7 +64,7 @@ def add_tta_parser(subparsers: Any) -> argparse.ArgumentParser:
     tr.add_argument("--no-progress", action="store_true")
 
     ev = sub.add_parser("eval", help="error (%% ± 95%% CI) and cost of a method on corrupted CIFAR-10",
-                        description="Error (%% ± 95%% CI) and cost of a test-time method on corrupted CIFAR-10. "
+                        description="Error (% ± 95% CI) and cost of a test-time method on corrupted CIFAR-10. "
                                     "The CI is per image for source and ttt (independent predictions) and over "
                                     "batch errors for bn, tent and ttt-online, whose predictions within a batch "
                                     "(and online, across the stream) are not independent; the JSON records which.")
