@@ -352,3 +352,54 @@ def test_ctrl_c_during_eval_claims_no_checkpoint_and_keeps_finished_results(tiny
     err = capsys.readouterr().err
     assert rc == 130 and "checkpoint" not in err and f"the 1 finished corruption(s) are saved in {js}" in err
     assert [r["corruption"] for r in json.loads(js.read_text())["results"]] == ["gaussian_noise"]
+
+
+# ------------------------------------------------------------------------------- the benchmark
+
+def _benchmark():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tta_cifar10c.py"
+    spec = importlib.util.spec_from_file_location("tta_cifar10c_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_records_load_and_threads_and_tests_differences_to_the_source(tiny_run, tmp_path, capsys):
+    from fastadapt.engine.stats import mean_ci95
+    from fastadapt.engine.tta_eval import unpack_wrong
+
+    bench, threads = _benchmark(), torch.get_num_threads()
+    out = tmp_path / "bench.json"
+    common = ["--run", str(tiny_run), "--methods", "source,bn,ttt", "--corruptions", "contrast,pixelate",
+              "--ttt-corruptions", "contrast", "--threads", "1", "--out", str(out)]
+    try:
+        assert bench.main(common + ["--ttt-images", "2", "--budget", "1e-9"]) == 0
+        assert "budget: 5 cell(s) not started" in capsys.readouterr().out
+        assert bench.main(common + ["--ttt-images", "2"]) == 0
+        text = capsys.readouterr().out
+        first = json.loads(out.read_text())
+        assert bench.main(common + ["--ttt-images", "3"]) == 0  # only TTT's cells are redone
+        capsys.readouterr()
+    finally:
+        torch.set_num_threads(threads)
+    doc = json.loads(out.read_text())
+    assert doc["results"]["bn"] == first["results"]["bn"] and doc["results"]["source"] == first["results"]["source"]
+    machine = doc["machine"]
+    assert machine["threads"] == 1 and len(machine["load_avg_before"]) == 3 and len(machine["load_avg_after"]) == 3
+    cells = [c for m in doc["results"].values() for c in m.values()]
+    assert len(cells) == 5 and all(c["cost_context"]["threads"] == 1 for c in cells)
+    assert list(doc["results"]["ttt"]) == ["contrast"] and doc["results"]["ttt"]["contrast"]["images"] == 3
+    # TTT against the source on the same 3 images: paired per image
+    ttt, src = doc["results"]["ttt"]["contrast"], doc["source_on_same_images"]["ttt"]["contrast"]
+    assert src["images"] == 3 and src["method"] == "source"
+    d = [100.0 * (a - b) for a, b in zip(unpack_wrong(ttt["wrong_bits"], 3), unpack_wrong(src["wrong_bits"], 3))]
+    mean, half = mean_ci95(d)
+    got = doc["difference_to_source"]["ttt"]["contrast"]
+    assert got["difference"] == pytest.approx(mean, abs=1e-3) and got["ci95"] == pytest.approx(half, abs=1e-3)
+    assert got["significant"] == (abs(mean) > half)
+    # BN: 20 images are a single batch of 128, so there is no batch-level interval
+    assert doc["difference_to_source"]["bn"]["pixelate"]["significant"] is None
+    assert "bn" in text and "no CI (single batch)" in text
+    assert "significant" in text and "load average before" in text

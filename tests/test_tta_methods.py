@@ -425,3 +425,31 @@ def test_each_method_records_its_ci_method(method, kind, monkeypatch):
     assert sum(wrong) / 12 == pytest.approx(r["error"])
     ref = mean_ci95(wrong)[1] if kind == "per-image" else batch_mean_ci95(wrong, 4)[1]
     assert r["ci95"] == pytest.approx(ref)
+
+
+def test_paired_difference_to_the_source_per_image_per_batch_and_over_corruptions():
+    from scipy.stats import t
+
+    from fastadapt.engine.tta_eval import pack_wrong, paired_difference
+
+    def cell(wrong, batch=4):
+        return {"images": len(wrong), "batch_size": batch, "wrong_bits": pack_wrong(wrong)}
+
+    src = cell([True] * 8)
+    better = cell([False] * 8)
+    d = paired_difference(better, src, "batch")
+    assert d["difference"] == -100.0 and d["ci95"] == 0.0 and d["significant"] is True
+    same = paired_difference(src, src, "image")
+    assert same["difference"] == 0.0 and same["significant"] is False
+    # batch 1 all better, batch 2 unchanged: two batch differences, -100 and 0
+    mixed = paired_difference(cell([False] * 4 + [True] * 4), src, "batch")
+    assert mixed["difference"] == -50.0
+    assert mixed["ci95"] == pytest.approx(t.ppf(0.975, 1) * np.std([-100.0, 0.0], ddof=1) / np.sqrt(2))
+    assert mixed["significant"] is False and mixed["ci_method"].startswith("paired, batch means")
+    per_image = paired_difference(cell([False] * 4 + [True] * 4), src, "image")
+    assert per_image["ci95"] == pytest.approx(mean_ci95([-100.0] * 4 + [0.0] * 4)[1])
+    # over corruptions: each image's differences are averaged first
+    two = paired_difference([cell([False] * 8), cell([True] * 8)], [src, src], "image")
+    assert two["difference"] == -50.0 and two["ci95"] == 0.0 and two["results"] == 2
+    with pytest.raises(ConfigError):
+        paired_difference(cell([False] * 4), src, "image")

@@ -114,6 +114,35 @@ def error_ci95(wrong_percent: list[float], kind: str, batch_size: int) -> tuple[
     raise ConfigError(f"CI kind must be 'image' or 'batch', got '{kind}'")
 
 
+def paired_difference(method: dict[str, Any] | list[dict[str, Any]], source: dict[str, Any] | list[dict[str, Any]],
+                      kind: str) -> dict[str, Any]:
+    """Error of ``method`` minus error of ``source`` on the same images, with its 95% CI.
+
+    Both are results of :func:`run_stream` on the same stream (same images, order and batch size),
+    or equally long lists of such pairs (say, one per corruption, all on the same images): then the
+    difference is that of the means over the list, each image's differences averaged first, since
+    the same image under different corruptions gives correlated outcomes. The difference is paired
+    per image; the CI is formed over the per-image differences for ``kind="image"`` and over the
+    per-batch differences for ``kind="batch"``, as :func:`error_ci95`. ``significant`` is whether
+    the interval excludes 0 (``None`` where there is none).
+    """
+    methods = method if isinstance(method, list) else [method]
+    sources = source if isinstance(source, list) else [source]
+    if not methods or len(methods) != len(sources):
+        raise ConfigError("a paired difference needs as many source results as method results")
+    n = int(methods[0]["images"])
+    batch = int(methods[0]["batch_size"])
+    diff = [0.0] * n
+    for m, src in zip(methods, sources):
+        if any(int(r["images"]) != n or "wrong_bits" not in r for r in (m, src)):
+            raise ConfigError("a paired difference needs the per-image outcomes of both on the same images")
+        for i, (x, y) in enumerate(zip(unpack_wrong(m["wrong_bits"], n), unpack_wrong(src["wrong_bits"], n))):
+            diff[i] += 100.0 * (x - y) / len(methods)
+    mean, half, how = error_ci95(diff, kind, batch)
+    return {"difference": mean, "ci95": half, "ci_method": "paired, " + how, "images": n, "results": len(methods),
+            "significant": None if half is None else abs(mean) > half}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
