@@ -196,12 +196,15 @@ def _setting(ways: Any, shots: Any, regression: bool) -> str:
     return f"{shots}-shot" if regression else f"{ways}-way {shots}-shot"
 
 
-def learning_curve_figure(run_dir: str | Path) -> Any:
+def learning_curve_figure(run_dir: str | Path, keys: tuple[str, ...] | None = None,
+                          xlabel: str = "meta-iteration") -> Any:
     """The learning curve of the run in ``run_dir`` as a matplotlib figure (``None`` before any log).
 
     Training loss and accuracy (percent) or MSE against meta-iterations, validation accuracy when
     logged; titled "method · dataset · setting" from ``config.yaml``, with the final test result of
     ``results.json`` (when it belongs to the last logged iteration) as a dashed horizontal line.
+    ``keys`` picks the logged quantities to draw, one panel each (``acc`` stands for the accuracy);
+    ``xlabel`` names the ``step`` axis.
     """
     run_dir = Path(run_dir)
     rows = _read_metrics(run_dir / METRICS)
@@ -231,7 +234,8 @@ def learning_curve_figure(run_dir: str | Path) -> Any:
     def values(key: str) -> list[Any]:
         return [_train_accuracy(r) if key == "accuracy" else r.get(key) for r in train]
 
-    keys = [k for k in ("loss", score) if train and any(v is not None for v in values(k))]
+    wanted = [score if k == "acc" else k for k in (keys or ("loss", score))]
+    keys = [k for k in wanted if train and any(v is not None for v in values(k))]
     fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(5 * max(1, len(keys)), 3.8), squeeze=False)
     for ax, key in zip(axes[0], keys):
         ax.plot([r["step"] for r in train], values(key), lw=1, label=f"train {key}")
@@ -244,7 +248,7 @@ def learning_curve_figure(run_dir: str | Path) -> Any:
             else:
                 label = f"test {setting}: {results['accuracy']:.1f} ± {results['ci95']:.1f} %"
             ax.axhline(results[score], color="C3", ls="--", lw=1, label=label)
-        ax.set_xlabel("meta-iteration")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("accuracy (%)" if key == "accuracy" else key)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -255,9 +259,10 @@ def learning_curve_figure(run_dir: str | Path) -> Any:
     return fig
 
 
-def plot_learning_curve(metrics_path: Path, out_path: Path) -> None:
+def plot_learning_curve(metrics_path: Path, out_path: Path, keys: tuple[str, ...] | None = None,
+                        xlabel: str = "meta-iteration") -> None:
     """Save :func:`learning_curve_figure` of the run folder holding ``metrics_path`` to ``out_path``."""
-    fig = learning_curve_figure(Path(metrics_path).parent)
+    fig = learning_curve_figure(Path(metrics_path).parent, keys, xlabel)
     if fig is None:
         return
     import matplotlib.pyplot as plt

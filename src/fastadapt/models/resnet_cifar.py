@@ -142,10 +142,13 @@ class ResNetCifar(nn.Module):
         return self._rotation_head()(self.trunk(x))
 
     def forward_both(self, x: Tensor, x_rot: Tensor) -> tuple[Tensor, Tensor]:
-        """Class logits of ``x`` and rotation logits of ``x_rot`` in one trunk pass."""
+        """Class logits of ``x`` and rotation logits of ``x_rot``, in two separate trunk passes.
+
+        Separate, not one pass over the concatenation: in train mode BatchNorm then normalises the
+        clean batch with its own statistics and the rotated batch with its own, as in the joint
+        training loop of Sun et al. (``net(inputs)`` and ``ssh(rotated inputs)``)."""
         head = self._rotation_head()
-        feats = self.trunk(torch.cat([x, x_rot]))
-        return self.head(feats[: len(x)]), head(feats[len(x) :])
+        return self.head(self.trunk(x)), head(self.trunk(x_rot))
 
 
 @BACKBONES.register("resnet26")

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from ..engine.tta_eval import CLEAN, TTA_METHODS
-from ..errors import ConfigError, FastAdaptError
+from ..errors import ConfigError, DataError, FastAdaptError
 from ..io import atomic_write_text
-from .corruptions import CORRUPTIONS
+from .corruptions import CORRUPTIONS, frost_photographs
 
 
 
@@ -56,14 +56,23 @@ def add_tta_parser(subparsers: Any) -> argparse.ArgumentParser:
     tr.add_argument("--weight-decay", type=float, default=5e-4)
     tr.add_argument("--train-subset", type=int, default=0, help="train on a seeded subset of this size (0: all)")
     tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--log-every", type=int, default=50, help="iterations between lines of metrics.jsonl")
     tr.add_argument("--device", default="cpu")
-    tr.add_argument("--out", required=True, help="run folder (resumed if it holds a checkpoint)")
+    tr.add_argument("--out", required=True,
+                    help="run folder: config.yaml, checkpoint.pt, metrics.jsonl, learning_curve.png, results.json "
+                         "(resumed if it holds a checkpoint; Ctrl-C checkpoints the run where it is)")
     tr.add_argument("--no-progress", action="store_true")
 
-    ev = sub.add_parser("eval", help="error (%% ± 95%% CI) and cost of a method on corrupted CIFAR-10")
+    ev = sub.add_parser("eval", help="error (%% ± 95%% CI) and cost of a method on corrupted CIFAR-10",
+                        description="Error (% ± 95% CI) and cost of a test-time method on corrupted CIFAR-10. "
+                                    "The CI is per image for source and ttt (independent predictions) and over "
+                                    "batch errors for bn, tent and ttt-online, whose predictions within a batch "
+                                    "(and online, across the stream) are not independent; the JSON records which.")
     ev.add_argument("run_dir", help="folder written by 'fastadapt tta train-source'")
     ev.add_argument("--method", required=True, choices=list(TTA_METHODS))
-    ev.add_argument("--corruption", default="all", help=f"one of {', '.join(CORRUPTIONS)}, 'all' or '{CLEAN}'")
+    ev.add_argument("--corruption", default="all",
+                    help=f"one of {', '.join(CORRUPTIONS)}, 'all' or '{CLEAN}' (all: frost is skipped with a warning "
+                         "when its photographs are not installed)")
     ev.add_argument("--severity", type=_severity, default=5)
     ev.add_argument("--data-dir", default=None, help="CIFAR-10 folder (default: the one used for training)")
     ev.add_argument("--batch-size", type=int, default=128, help="test batch size (TENT paper: 128)")
@@ -74,12 +83,16 @@ def add_tta_parser(subparsers: Any) -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, default=None, help="TENT: steps per batch (1); TTT: per image (10; online 1)")
     ev.add_argument("--episodic", action="store_true", help="TENT: reset to the source model after every batch")
     ev.add_argument("--copies", type=int, default=32, help="TTT: augmented copies per step")
+    ev.add_argument("--ttt-head", default="train", choices=["train", "frozen"],
+                    help="TTT: train the rotation head together with the shared trunk (default, as the authors' "
+                         "code) or keep the head frozen and train the trunk only")
     ev.add_argument("--ttt-bn", default="train", choices=["train", "frozen"],
                     help="TTT on a BatchNorm model: BatchNorm in train mode during the steps (default, as the "
                          "authors' code) or frozen source statistics")
     ev.add_argument("--frost-dir", default=None, help="folder with the frost photographs (frost1.png ...)")
     ev.add_argument("--device", default="cpu")
-    ev.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ev.add_argument("--json", default=None,
+                    help="also write the results to this JSON file, rewritten as each corruption completes")
     ev.add_argument("--no-progress", action="store_true")
     tta.set_defaults(handler=run_tta)
     return tta
@@ -91,47 +104,131 @@ def run_tta(args: argparse.Namespace) -> int:
     return _eval(args)
 
 
+def _saved_message(out: Path) -> str:
+    """What a stopped train-source run left on disk, for the one line printed on Ctrl-C."""
+    from .train_source import saved_progress
+
+    try:
+        p = saved_progress(out)
+    except FastAdaptError as exc:
+        return f"interrupted: the checkpoint in {out} cannot be read ({exc})"
+    if p is None:
+        return f"interrupted: nothing was saved yet (no checkpoint in {out}); the same command starts afresh"
+    if p["step"]:
+        where = (f"in epoch {p['epoch'] + 1} of {p['epochs']} after iteration {p['step']} of "
+                 f"{p['steps_per_epoch']} (iteration {p['iteration']} in all)")
+    else:
+        where = f"at the end of epoch {p['epoch']} of {p['epochs']} (iteration {p['iteration']} in all)"
+    return f"interrupted: the run in {out} is saved {where}; run the same command again to resume from there"
+
+
 def _train_source(args: argparse.Namespace) -> int:
     from ..data.cifar10 import load_cifar10
-    from .train_source import train_source
+    from ..engine.threads import cost_context
+    from ..engine.trainer import _StopRequest, plot_learning_curve  # Ctrl-C/SIGTERM -> stop between iterations
+    from .train_source import CURVE_FILE, LOG_FILE, RESULTS_FILE, train_source
 
     if args.dataset != "cifar10":
         raise ConfigError(f"tta train-source supports --dataset cifar10 only, got '{args.dataset}'")
-    xtr, ytr = load_cifar10("train", args.data_dir, progress=not args.no_progress)
-    xte, yte = load_cifar10("test", args.data_dir, progress=not args.no_progress)
+    out = Path(args.out)
     cfg = dict(dataset=args.dataset, arch=args.arch, width=args.width, norm=args.norm,
                rotation_head=args.rotation_head, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                weight_decay=args.weight_decay, seed=args.seed, train_subset=args.train_subset,
-               data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None)
-    summary = train_source(cfg, args.out, xtr, ytr, xte, yte, device=args.device, progress=not args.no_progress)
+               log_every=args.log_every, data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None)
+    try:
+        xtr, ytr = load_cifar10("train", args.data_dir, progress=not args.no_progress)
+        xte, yte = load_cifar10("test", args.data_dir, progress=not args.no_progress)
+        with _StopRequest() as stop:
+            summary = train_source(cfg, out, xtr, ytr, xte, yte, device=args.device,
+                                   progress=not args.no_progress, stop=lambda: stop.requested)
+    except KeyboardInterrupt:
+        print("\n" + _saved_message(out), file=sys.stderr)
+        return 130
+    finally:
+        if (out / LOG_FILE).is_file():
+            plot_learning_curve(out / LOG_FILE, out / CURVE_FILE, keys=("loss", "rot_loss", "acc"), xlabel="iteration")
+    results = {**summary, "arch": args.arch, "norm": args.norm, "rotation_head": args.rotation_head,
+               "device": args.device, "cost_context": cost_context(),
+               "command": " ".join(["fastadapt"] + sys.argv[1:]), "date": datetime.now(timezone.utc).isoformat(),
+               "platform": platform.platform(), "torch": torch.__version__}
+    atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
     print(f"trained {args.arch} for {summary['epochs']} epochs in {summary['train_seconds']:.0f} s; "
-          f"clean test error {summary['clean_test_error']:.2f} %; saved to {args.out}")
+          f"clean test error {summary['clean_test_error']:.2f} ± {summary['clean_test_ci95']:.2f} %")
+    print(f"outputs: {out}/ (config.yaml, checkpoint.pt, metrics.jsonl, learning_curve.png, results.json)")
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
-    from ..engine.tta_eval import evaluate_run, format_tta_result
-
+def _corruption_names(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """The corruptions to run and those skipped (name -> why), checked before any work."""
     if args.corruption == "all":
         names = list(CORRUPTIONS)
     elif args.corruption in CORRUPTIONS or args.corruption == CLEAN:
         names = [args.corruption]
     else:
         raise ConfigError(f"unknown corruption '{args.corruption}'; choose one of {', '.join(CORRUPTIONS)}, all, {CLEAN}")
+    skipped: dict[str, str] = {}
+    if "frost" in names:
+        try:
+            frost_photographs(args.frost_dir)
+        except DataError:
+            if args.corruption == "frost":
+                raise  # asked for by name: fail at once
+            names.remove("frost")
+            skipped["frost"] = "frost photographs not installed"
+            print("warning: skipping frost: its photographs are not installed (pip install --no-deps "
+                  "imagecorruptions, set FASTADAPT_FROST_DIR, or pass --frost-dir to include it)",
+                  file=sys.stderr, flush=True)
+    return names, skipped
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ..engine.threads import cost_context
+    from ..engine.tta_eval import evaluate_run, format_tta_result
+
+    names, skipped = _corruption_names(args)
     options = {"lr": args.lr, "steps": args.steps, "episodic": args.episodic, "copies": args.copies,
-               "ttt_bn": args.ttt_bn}
-    results = evaluate_run(args.run_dir, args.method, names, args.severity, args.data_dir, args.batch_size,
-                           args.max_images, args.seed, options, args.frost_dir, args.device,
-                           not args.no_progress, on_result=lambda r: print(format_tta_result(r), flush=True))
-    summary: dict[str, Any] = {"results": results}
+               "ttt_bn": args.ttt_bn, "ttt_head": args.ttt_head}
+    results: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {
+        "complete": False, "corruptions": names, "skipped": skipped, "results": results,
+        "command": " ".join(["fastadapt"] + sys.argv[1:]), "date": datetime.now(timezone.utc).isoformat(),
+        "platform": platform.platform(), "torch": torch.__version__, "options": options,
+    }
+
+    def save() -> None:  # after every corruption, so a failed or stopped run keeps what it finished
+        if args.json:
+            atomic_write_text(args.json, json.dumps(summary, indent=2) + "\n")
+
+    def on_result(r: dict[str, Any]) -> None:
+        results.append(r)
+        print(format_tta_result(r), flush=True)
+        save()
+
+    def finished() -> str:
+        if not results:
+            return "no corruption was finished, nothing was saved"
+        where = f"saved in {args.json}" if args.json else "printed above (--json FILE saves them)"
+        return f"the {len(results)} finished corruption(s) are {where}"
+
+    try:
+        evaluate_run(args.run_dir, args.method, names, args.severity, args.data_dir, args.batch_size,
+                     args.max_images, args.seed, options, args.frost_dir, args.device, not args.no_progress,
+                     on_result=on_result)
+    except KeyboardInterrupt:  # evaluation keeps no checkpoint: say what is kept
+        print(f"\ninterrupted: {finished()}", file=sys.stderr)
+        return 130
+    except FastAdaptError as exc:
+        if results:
+            raise type(exc)(f"{exc} ({finished()})") from exc
+        raise
+    summary["complete"] = True
+    summary["cost_context"] = cost_context()
     if len(results) > 1:
         mean = sum(r["error"] for r in results) / len(results)
         summary["mean_error"] = mean
-        print(f"mean error over {len(results)} corruptions at severity {args.severity}: {mean:.2f} %")
-    if args.json:
-        summary.update(command=" ".join(["fastadapt"] + sys.argv[1:]), date=datetime.now(timezone.utc).isoformat(),
-                       platform=platform.platform(), torch=torch.__version__, options=options)
-        atomic_write_text(args.json, json.dumps(summary, indent=2) + "\n")
+        note = f" ({', '.join(skipped)} skipped)" if skipped else ""
+        print(f"mean error over {len(results)} corruptions{note} at severity {args.severity}: {mean:.2f} %")
+    save()
     return 0
 
 

@@ -199,6 +199,12 @@ def _frost_dir(frost_dir: str | os.PathLike | None) -> Path:
                     "pip install --no-deps imagecorruptions, or set FASTADAPT_FROST_DIR to a folder holding them")
 
 
+def frost_photographs(frost_dir: str | os.PathLike | None = None) -> Path:
+    """The folder of the frost photographs (``frost_dir``, ``$FASTADAPT_FROST_DIR`` or an installed
+    ``imagecorruptions``); raises ``DataError`` with how to get them when there is none."""
+    return _frost_dir(frost_dir)
+
+
 @lru_cache(maxsize=4)
 def _frost_images(folder: str) -> tuple[np.ndarray, ...]:
     """The five frost photos used by CIFAR-10-C, RGB, shrunk 5x as OpenCV's bilinear resize does."""

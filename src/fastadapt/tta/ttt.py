@@ -4,20 +4,25 @@ Sun, Wang, Liu, Miller, Efros and Hardt, "Test-Time Training with Self-Supervisi
 Generalization under Distribution Shifts", ICML 2020. The source model is Y-shaped: a shared
 trunk (stem + first two residual groups) feeds the classification head and a head that predicts
 which of four rotations (0, 90, 180, 270 degrees) was applied to the image. At test time, for each
-test image, a batch of augmented copies (random crop + flip) is rotated at random and the *trunk*
-takes SGD steps on the rotation loss; then the adapted model classifies the original image.
+test image, a batch of augmented copies (random crop + flip) is rotated at random and the
+auxiliary branch (trunk + rotation head) takes SGD steps on the rotation loss; then the adapted
+trunk and the untouched classification head classify the original image.
 
-* standard (``online=False``): the trunk is reset to the source weights before every image;
-  the paper takes 10 steps per image.
+* standard (``online=False``): the auxiliary branch is reset to the source weights before every
+  image; the paper takes 10 steps per image.
 * online (``online=True``): the weights carry over from one test image to the next (the test
   stream is assumed to come from one shifted distribution); one step per image.
 
-Optimiser as in the authors' code: plain SGD (no momentum, no weight decay) at the last training
-learning rate, 1e-3, on 32 copies per step. GroupNorm (the paper's choice) behaves the same in
-train and eval mode. For BatchNorm, ``bn="train"`` (default, as the authors' code) runs the steps
-in train mode, so the running statistics move towards those of the test image's copies (momentum
-0.1) before the prediction; they are part of the trunk state, so the standard version resets
-them per image too. ``bn="frozen"`` keeps the source statistics during the steps.
+Defaults follow the authors' code (``ttt_cifar_release``, ``test_calls/test_adapt.py``): plain SGD
+(no momentum, no weight decay) at the last training learning rate, 1e-3, on 32 copies per step,
+over the parameters of the whole auxiliary branch, trunk *and* rotation head (``head="train"``),
+with the branch in train mode during the steps. ``head="frozen"`` trains the trunk only and keeps
+the rotation head in eval mode (their ``--fix_ssh``). ``bn="frozen"`` keeps the whole branch in
+eval mode, so BatchNorm normalises with the source statistics during the steps (their
+``--fix_bn``). GroupNorm (the paper's choice) behaves the same in train and eval mode. With
+BatchNorm in train mode (``bn="train"``) the running statistics of the trained modules move towards
+those of the test image's copies (momentum 0.1) before the prediction; they are part of the
+branch's state, so the standard version resets them per image with the weights.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .augment import random_crop_flip, random_rotation_labels, rotate_batch
+
+MODES = ("train", "frozen")
 
 
 def _check_rotation_model(model: nn.Module) -> None:
@@ -47,7 +54,10 @@ class TTT(nn.Module):
     """Test-Time Training (Sun et al., ICML 2020) around a :class:`ResNetCifar` with a rotation head.
 
     ``ttt(x [B, 3, 32, 32] in [0, 1]) -> logits [B, classes]`` adapts on each image in turn (the
-    order of ``x`` is the stream order). :meth:`reset` restores the source trunk and optimizer.
+    order of ``x`` is the stream order). ``head``: ``"train"`` (default, the authors' code: trunk and
+    rotation head are trained) or ``"frozen"`` (trunk only). ``bn``: ``"train"`` (default) or
+    ``"frozen"`` BatchNorm statistics during the steps. :meth:`reset` restores the source weights
+    (and statistics) of the adapted modules and the optimizer.
     """
 
     def __init__(
@@ -61,12 +71,16 @@ class TTT(nn.Module):
         weight_decay: float = 0.0,
         seed: int = 0,
         bn: str = "train",
+        head: str = "train",
     ) -> None:
         super().__init__()
         _check_rotation_model(model)
-        if bn not in ("frozen", "train"):
-            raise ConfigError(f"TTT's BatchNorm mode must be 'frozen' or 'train', got '{bn}'")
+        if bn not in MODES:
+            raise ConfigError(f"TTT's BatchNorm mode must be 'train' or 'frozen', got '{bn}'")
+        if head not in MODES:
+            raise ConfigError(f"TTT's rotation-head mode must be 'train' or 'frozen', got '{head}'")
         self.bn = bn
+        self.head_mode = head
         steps = (1 if online else 10) if steps is None else steps
         if steps < 1 or copies < 1:
             raise ConfigError(f"TTT needs steps >= 1 and copies >= 1, got steps={steps}, copies={copies}")
@@ -75,22 +89,33 @@ class TTT(nn.Module):
         self.steps = steps
         self.copies = copies
         model.requires_grad_(False)
-        model.trunk.requires_grad_(True)
-        self.optimizer = torch.optim.SGD(model.trunk.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-        self.trunk_state = deepcopy(model.trunk.state_dict())
+        params = []
+        for module in self._adapted():
+            module.requires_grad_(True)
+            params += list(module.parameters())
+        self.optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.source_state = deepcopy([module.state_dict() for module in self._adapted()])
         self.optimizer_state = deepcopy(self.optimizer.state_dict())
         self.generator = torch.Generator().manual_seed(seed)
 
+    def _adapted(self) -> list[nn.Module]:
+        """The modules whose weights (and BatchNorm statistics) the steps change."""
+        if self.head_mode == "train":
+            return [self.model.trunk, self.model.rot_head]
+        return [self.model.trunk]
+
     def reset(self) -> None:
-        self.model.trunk.load_state_dict(self.trunk_state)
+        for module, state in zip(self._adapted(), self.source_state):
+            module.load_state_dict(state)
         self.optimizer.load_state_dict(self.optimizer_state)
 
     @torch.enable_grad()
     def adapt(self, image: Tensor) -> float:
         """Steps on the rotation loss of augmented copies of one ``image [3, H, W]``; returns the last loss."""
         batch = image.unsqueeze(0).expand(self.copies, *image.shape)
-        if self.bn == "train":
-            self.model.trunk.train()
+        if self.bn == "train":  # the authors' ssh.train() (or ext.train() with the head fixed)
+            for module in self._adapted():
+                module.train()
         try:
             for _ in range(self.steps):
                 copies = random_crop_flip(batch, self.generator)
