@@ -51,4 +51,4 @@ def test_learning_curve_of_a_regression_run(tmp_path, capsys):
     res = json.loads((run / "results.json").read_text())
     fig = trainer.learning_curve_figure(run)
     assert fig._suptitle.get_text() == "maml · sinusoid · 10-shot"
-    assert fig.axes[1].get_lines()[-1].get_label().startswith(f"test 5-shot: mse {res['mse']:.4g}")
+    assert fig.axes[1].get_lines()[-1].get_label().startswith(f"test 10-shot: mse {res['mse']:.4g}")

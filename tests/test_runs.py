@@ -95,7 +95,7 @@ def test_load_run_errors_are_one_line_and_name_the_problem(tmp_path, capsys):
     (run / "checkpoint.pt").unlink()
     one_line_error(DataError, run, match="has no checkpoint.pt")
     (run / "checkpoint.pt").write_bytes(ck[: len(ck) // 2])
-    one_line_error(DataError, run, match="checkpoint.pt cannot be read .*damaged")
+    one_line_error(DataError, run, match="checkpoint.pt cannot be read .*delete it")
     save_checkpoint({"step": 3}, run / "checkpoint.pt")
     one_line_error(DataError, run, match="holds no model weights")
     state = {k: v for k, v in load_checkpoint_from_bytes(ck, tmp_path)["model"].items() if "encoder.0" not in k}

@@ -418,7 +418,7 @@ def test_each_method_records_its_ci_method(method, kind, monkeypatch):
     images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8)
     labels = torch.randint(0, 10, (12,))
     monkeypatch.setattr(tta_eval, "load_source_model", lambda run, device: (model, {"arch": "resnet8"}))
-    monkeypatch.setattr(tta_eval, "load_cifar10", lambda split, data_dir: (images, labels))
+    monkeypatch.setattr(tta_eval, "load_cifar10", lambda split, data_dir, progress=True: (images, labels))
     r = evaluate_run("run", method, ["clean"], 5, batch_size=4, options={"steps": 1, "copies": 2}, progress=False)[0]
     assert r["ci_method"].startswith(kind)
     wrong = [100.0 * w for w in unpack_wrong(r["wrong_bits"], 12)]
