@@ -14,6 +14,8 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# The load average when the benchmark started (this module is imported at its start).
+_START_LOAD = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -59,6 +61,13 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def require_clean_tree() -> None:
+    """Warn when the working tree has uncommitted changes: figures must be tied to a commit."""
+    if commit().endswith("+dirty"):
+        print("warning: the working tree has uncommitted changes; commit first so that the figures are tied to "
+              "a commit (the JSON records the commit as '+dirty')", file=sys.stderr, flush=True)
+
+
 def commit() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
@@ -73,11 +82,14 @@ def commit() -> str:
 def save(name: str, data: dict[str, Any]) -> Path:
     """Write ``benchmarks/results/<name>.json`` with the command, machine, commit and date."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    info["load_avg_at_start"] = _START_LOAD
+    info["load_avg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     record = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit(),
-        "machine": machine(),
+        "machine": info,
         **data,
     }
     path = RESULTS / f"{name}.json"

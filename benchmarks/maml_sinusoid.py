@@ -3,11 +3,17 @@
 Both use the MLP 1-40-40-1, K support points, meta-batch 25 and Adam (1e-3); MAML meta-learns
 with 1 inner SGD step of 0.01; the baseline is trained on the pooled points of all tasks. Both
 are then fine-tuned on a test task's K points by the same inner loop (SGD, 0.01) and scored by
-MSE on 100 points of the same curve after 1, 5 and 10 steps, over the same 600 test tasks.
+MSE on 100 points of the same curve after 1, 5 and 10 steps, over the same 600 test tasks (drawn
+from the test split's own stream: never training tasks). The settings are the package defaults
+for ``--task sinusoid`` (``fastadapt.config.resolve``), with K set per run.
 Paper (K = 5, 70,000 meta-iterations): MAML 0.67 / 0.38 / 0.35, pre-trained 2.41 / 2.23 / 2.19
 (read from its Fig. 3; the K = 5 MAML curve).
 
-    python benchmarks/maml_sinusoid.py --steps 4000 --shots 5
+Also timed, side by side on the same meta-batches: seconds per meta-iteration of MAML with the
+tasks as a loop and under vmap (the ``--batching auto`` rule picks vmap for this MLP).
+
+    python benchmarks/maml_sinusoid.py --steps 70000 --shots 5
+    python benchmarks/maml_sinusoid.py --steps 70000 --shots 10
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 
+from fastadapt.config import resolve
 from fastadapt.engine.evaluate import evaluate
 from fastadapt.engine.trainer import TrainSettings, meta_train
 from fastadapt.methods import MAML, Pretrained
@@ -30,24 +37,29 @@ PAPER_K5 = {"maml": {1: 0.67, 5: 0.38, 10: 0.35}, "pretrain": {1: 2.41, 5: 2.23,
 
 
 def main() -> None:
-    from _common import save
+    from _common import require_clean_tree, save
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=4000, help="meta-iterations of each model")
+    ap.add_argument("--steps", type=int, default=70000, help="meta-iterations of each model (paper: 70,000)")
     ap.add_argument("--shots", type=int, default=5)
     ap.add_argument("--episodes", type=int, default=600)
-    ap.add_argument("--batching", default="vmap")
+    ap.add_argument("--time-iters", type=int, default=100, help="meta-iterations timed per batching mode")
     args = ap.parse_args()
+    require_clean_tree()
     torch.manual_seed(0)
-    train = SinusoidTasks(args.shots, args.shots)  # K query points while training, as in the paper
-    test = SinusoidTasks(args.shots, 100)
-    cfg = {"dataset": "sinusoid", "inner_lr": 0.01, "inner_steps": 1, "batching": args.batching}
+    train = SinusoidTasks(args.shots, args.shots, split="train")  # K query points while training, as the paper
+    test = SinusoidTasks(args.shots, 100, split="test")
+    cfg = {**resolve("maml", {}, {"dataset": "sinusoid", "shots": args.shots}), "steps": args.steps}
+    timing = time_batching(cfg, train, args.time_iters)
     learners = {"maml": MAML.from_config(cfg, (1,)), "pretrain": Pretrained.from_config(cfg, (1,))}
+    for learner in learners.values():
+        learner.decide_run_options("cpu")
     results: dict = {}
     for name, learner in learners.items():
         t0 = time.time()
-        tr = meta_train(learner, train, TrainSettings(steps=args.steps, meta_batch=25, lr=1e-3, lr_decay_every=0,
-                                                      progress=False, log_every=max(1, args.steps // 10)))
+        tr = meta_train(learner, train, TrainSettings(steps=args.steps, meta_batch=cfg["meta_batch"], lr=cfg["lr"],
+                                                      lr_decay_every=0, progress=True,
+                                                      log_every=max(1, args.steps // 10)))
         results[name] = {"train_seconds": round(time.time() - t0, 1), "final_train_metrics": tr.last_metrics,
                          "mse_after_steps": {}}
         for steps in (1, 5, 10):
@@ -58,12 +70,37 @@ def main() -> None:
             print(f"{name}: {steps} steps: mse {res['mse']:.3f} ± {res['ci95']:.3f}", flush=True)
         learner.inner_steps = 1
     payload = {"budget": f"CPU, {args.steps} meta-iterations per model (the paper: 70,000)"}
-    payload.update(setup={"shots": args.shots, "query_points": 100, "test_tasks": args.episodes, "meta_batch": 25,
-                          "inner_lr": 0.01, "train_inner_steps": 1, "meta_lr": 1e-3, "model": "MLP 1-40-40-1",
-                          "batching": args.batching},
+    payload.update(setup={"shots": args.shots, "query_points": 100, "test_tasks": args.episodes,
+                          "meta_batch": cfg["meta_batch"], "inner_lr": cfg["inner_lr"], "train_inner_steps": 1,
+                          "meta_lr": cfg["lr"], "model": "MLP 1-40-40-1", "batching": learners["maml"].batching,
+                          "threads": torch.get_num_threads()},
+                   batching_seconds_per_meta_iteration=timing,
                    results=results, paper_k5=PAPER_K5 if args.shots == 5 else None)
     save(f"maml_sinusoid_k{args.shots}", payload)
     plot(learners, test, args.shots)
+
+
+def time_batching(cfg: dict, train: SinusoidTasks, iters: int) -> dict:
+    """Median seconds per MAML meta-iteration with the tasks as a loop and under vmap, the two
+    alternating on the same meta-batches."""
+    import statistics
+
+    learners = {m: MAML.from_config({**cfg, "batching": m}, (1,)) for m in ("loop", "vmap")}
+    opts = {m: torch.optim.Adam(learner.parameters(), lr=cfg["lr"]) for m, learner in learners.items()}
+    gen = torch.Generator().manual_seed(1)
+    times: dict = {m: [] for m in learners}
+    for i in range(iters + 3):
+        batch = train.sample_batch(gen, cfg["meta_batch"])
+        for m, learner in learners.items():
+            t0 = time.perf_counter()
+            learner.train_step(batch, opts[m], i + 1)
+            if i >= 3:  # warm-up
+                times[m].append(time.perf_counter() - t0)
+    out = {m: statistics.median(v) for m, v in times.items()}
+    out["vmap_speedup"] = out["loop"] / out["vmap"]
+    print(f"seconds per meta-iteration: loop {out['loop'] * 1e3:.2f} ms, vmap {out['vmap'] * 1e3:.2f} ms "
+          f"({out['vmap_speedup']:.1f}x)", flush=True)
+    return out
 
 
 def plot(learners: dict, source: SinusoidTasks, shots: int) -> None:
