@@ -79,6 +79,10 @@ def commit() -> str:
         return "unknown"
 
 
+# The commit the benchmark started from (the code that produced its figures), taken at import.
+_START_COMMIT = commit()
+
+
 def save(name: str, data: dict[str, Any]) -> Path:
     """Write ``benchmarks/results/<name>.json`` with the command, machine, commit and date."""
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -88,7 +92,7 @@ def save(name: str, data: dict[str, Any]) -> Path:
     record = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit(),
+        "commit": _START_COMMIT,
         "machine": info,
         **data,
     }
