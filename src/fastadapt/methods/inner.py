@@ -65,9 +65,9 @@ class BatchStatNorm(nn.Module):
         dims = [0, *range(2, x.dim())]
         mean = x.mean(dims, keepdim=True)
         centred = x - mean
-        # Biased variance, as batch norm normalises. Normalising the centred tensor (rather than
-        # folding mean and scale into one multiply-add) keeps float32 second-order gradients
-        # accurate: 2e-4 relative to a float64 reference on a Conv-4, vs 3e-3 folded.
+        # Biased variance, as batch norm normalises; the centred tensor is normalised (rather than
+        # folding mean and scale into one multiply-add). In float32 the second-order gradients of
+        # this path are less exact than the fused kernel's (benchmarks/maml_grad_accuracy.py).
         var = (centred * centred).mean(dims, keepdim=True)
         y = centred * torch.rsqrt(var + self.eps)
         if self.affine:
