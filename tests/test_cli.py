@@ -97,3 +97,25 @@ def test_console_script_help():
     assert "train" in out.stdout and "eval" in out.stdout
     out = subprocess.run([sys.executable, "-m", "fastadapt", "list"], capture_output=True, text=True, check=True)
     assert "protonet" in out.stdout and "omniglot" in out.stdout
+
+
+def test_eval_on_a_tta_run_points_to_tta_eval(tmp_path, capsys):
+    run = tmp_path / "tta"
+    run.mkdir()
+    (run / "config.yaml").write_text("dataset: cifar10\narch: resnet8\nnorm: bn\nrotation_head: true\n")
+    assert main(["eval", str(run)]) == 2
+    assert f"fastadapt tta eval {run}" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_eval_does_not_claim_a_checkpoint(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    assert main(["train", "protonet", *FAST, "--out", str(run)]) == 0
+    capsys.readouterr()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fastadapt.cli.evaluate", interrupted)
+    assert main(["eval", str(run), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "checkpoint" not in err and "saved" not in err

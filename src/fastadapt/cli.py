@@ -87,7 +87,8 @@ def _add_method_parser(methods: Any, name: str) -> None:
     """``fastadapt train NAME``: the core options and this method's own, with its real defaults."""
     cls = METHODS.get(name)
     doc = (cls.__doc__ or "").strip()
-    summary = doc.split("\n")[0].rstrip(".")
+    first = " ".join(doc.split("\n\n")[0].split())
+    summary = first.split(": ")[0].rstrip(".")  # "Name (Authors, venue year)"
     base = resolve(name, {}, {})
     by_dataset = {}
     for ds in DATASETS.names():
@@ -114,7 +115,8 @@ def _add_method_parser(methods: Any, name: str) -> None:
     if own:
         g = m.add_argument_group(f"{name} options")
         for key in own:
-            _add_option(g, key, cls.options[key], _defaults_text(key, base, by_dataset))
+            text = getattr(cls, "option_help", {}).get(key, "")
+            _add_option(g, key, cls.options[key], f"{text} {_defaults_text(key, base, by_dataset)}".strip())
     m.set_defaults(handler=cmd_train)
 
 

@@ -28,6 +28,8 @@ class MetaLearner(nn.Module):
 
     name: ClassVar[str] = ""
     options: ClassVar[dict[str, Any]] = {}
+    #: One line of help per option (shown by ``fastadapt train NAME --help`` with its default).
+    option_help: ClassVar[dict[str, str]] = {}
     #: Defaults that depend on the task family, keyed by task kind (``regression`` for sinusoids,
     #: ``classification`` for image episodes): they override ``options`` and the dataset's defaults.
     task_defaults: ClassVar[dict[str, dict[str, Any]]] = {}

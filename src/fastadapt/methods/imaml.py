@@ -113,6 +113,13 @@ class IMAML(MAML):
         "lr": 1e-3,
         "lr_decay_every": 0,
     }
+    option_help = {
+        **MAML.option_help,
+        "inner_steps": "gradient steps on the proximal inner problem",
+        "inner_lr": "inner learning rate",
+        "lam": "proximal regularisation strength lambda",
+        "cg_steps": "conjugate-gradient iterations for the implicit meta-gradient",
+    }
     # No sinusoid setting in the paper: the inner rate and meta-batch of MAML's sinusoid setting,
     # which a 10-step proximal inner loop follows without diverging.
     task_defaults = {"regression": {"inner_lr": 0.01, "meta_batch": 25}}

@@ -117,6 +117,14 @@ class MAML(MetaLearner):
         "lr": 1e-3,
         "lr_decay_every": 0,  # Finn et al.: a constant Adam rate
     }
+    option_help = {
+        "backbone": "network: conv4 (images), mlp (1-40-40 for sinusoids); auto picks by task",
+        "inner_steps": "inner SGD steps per task (training and adaptation)",
+        "inner_lr": "inner learning rate (Meta-SGD: the initial per-parameter rates)",
+        "first_order": "drop second-order terms of the meta-gradient (FOMAML)",
+        "grad_checkpoint": "recompute each inner step in the backward pass (less memory, second order)",
+        "batching": "tasks of a meta-batch as a loop or under vmap; auto: decided once by device and model",
+    }
     # Finn et al. (2017), sinusoid regression: one inner step of 0.01, 25 tasks per meta-batch
     # (K = 10 points per task comes from the sinusoid family's own defaults).
     task_defaults = {"regression": {"inner_lr": 0.01, "meta_batch": 25}}

@@ -55,6 +55,7 @@ class ProtoNet(MetaLearner):
     name = "protonet"
     # Snell et al. halve the Adam rate every 2000 episodes (the only method here with a schedule).
     options = {"backbone": "conv4", "distance": "euclidean", "lr_decay_every": 2000}
+    option_help = {"backbone": "embedding network (conv4)", "distance": "euclidean (squared, the paper's) or cosine"}
 
     def __init__(self, backbone: nn.Module, distance: str = "euclidean") -> None:
         super().__init__()

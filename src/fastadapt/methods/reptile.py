@@ -47,6 +47,14 @@ class Reptile(MAML):
         "meta_batch": 5,
         "lr_decay_every": 0,
     }
+    option_help = {
+        **MAML.option_help,
+        "inner_lr": "inner learning rate",
+        "inner_optim": "inner optimiser: sgd, or adam (fresh state per task, beta1 = 0)",
+        "outer_lr": "outer step beta of theta <- theta + beta * mean_i(W_i - theta)",
+        "anneal": "decay beta linearly over --anneal-steps",
+        "anneal_steps": "horizon of the decay; 0: the run's --steps when it starts",
+    }
     # Nichol et al. (2018), 1-D sine regression: 32 inner SGD steps of 0.02, outer step 0.1
     # annealed linearly to zero over the run, one task per outer step.
     task_defaults = {"regression": {"inner_optim": "sgd", "inner_lr": 0.02, "inner_steps": 32, "outer_lr": 0.1,
