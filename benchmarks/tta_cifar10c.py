@@ -26,15 +26,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import commit, machine  # noqa: E402
 
 from fastadapt.engine.threads import cost_context, load_average
 from fastadapt.engine.tta_eval import CI_KIND, evaluate_run, format_tta_result, paired_difference
@@ -53,14 +53,6 @@ PAPER = {
 METHODS = ("source", "bn", "tent", "ttt", "ttt-online")
 TTT_METHODS = ("ttt", "ttt-online")
 BATCH = 128
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 def _model_digest(run: Path) -> str:
@@ -225,10 +217,9 @@ def main(argv: list[str] | None = None) -> int:
                     "95% CI per image (source, ttt) or over batches (bn, tent, ttt-online), see each cell's "
                     "ci_method; difference_to_source is paired on the same images.",
         command=" ".join([sys.executable.split('/')[-1]] + sys.argv[:1] + (argv if argv is not None else sys.argv[1:])),
-        machine={"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                 "threads": cost_context()["threads"], "load_avg_before": load_before, "device": "cpu",
+        machine={**machine(), "threads": cost_context()["threads"], "load_avg_before": load_before, "device": "cpu",
                  "note": "CPU shared with other jobs: timings are noisy; each cell carries its own cost_context"},
-        git_commit=_git_commit(),
+        git_commit=commit(),
         date=datetime.now(timezone.utc).isoformat(),
         severity=args.severity,
         model={"arch": model_cfg["arch"], "norm": model_cfg["norm"], "rotation_head": model_cfg["rotation_head"],

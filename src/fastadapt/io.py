@@ -8,6 +8,7 @@ pickled code.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -105,3 +106,19 @@ def load_checkpoint_with_fallback(path: str | os.PathLike, map_location: str | t
                f"(step {ck.get('step', '?') if isinstance(ck, dict) else '?'})")
     (warn or (lambda m: print(m, file=sys.stderr, flush=True)))(message)
     return ck
+
+
+def read_metrics(path: Path, upto: int | None = None) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl``, up to iteration ``upto`` when given (later ones belong to
+    work lost by an interruption); a line cut short by a kill is skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if upto is None or row.get("step", 0) <= upto:
+            rows.append(row)
+    return rows

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, NonFiniteLossError
-from ..io import atomic_write_text, load_checkpoint_with_fallback, previous_checkpoint, save_checkpoint
+from ..io import atomic_write_text, load_checkpoint_with_fallback, previous_checkpoint, read_metrics, save_checkpoint
 from ..methods.base import MetaLearner
 from ..progress import progress_bar
 from .evaluate import evaluate
@@ -164,20 +164,6 @@ def _make_optimizer(learner: MetaLearner, s: TrainSettings) -> tuple[torch.optim
     return opt, sched
 
 
-def _read_metrics(path: Path, upto: int | None = None) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-        if upto is None or row.get("step", 0) <= upto:
-            rows.append(row)
-    return rows
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -207,7 +193,7 @@ def learning_curve_figure(run_dir: str | Path, keys: tuple[str, ...] | None = No
     ``xlabel`` names the ``step`` axis.
     """
     run_dir = Path(run_dir)
-    rows = _read_metrics(run_dir / METRICS)
+    rows = read_metrics(run_dir / METRICS)
     if not rows:
         return None
     import matplotlib
@@ -318,7 +304,7 @@ def meta_train(
             step, train_seconds = int(ck["step"]), float(ck["train_seconds"])
             saved_step = step
             # Drop log lines written after the checkpoint by the interrupted run.
-            rows = _read_metrics(out / METRICS, upto=step)
+            rows = read_metrics(out / METRICS, upto=step)
             atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
     resumed_from = step
 

@@ -29,7 +29,7 @@ import yaml
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..io import atomic_write_text, load_checkpoint, save_checkpoint
+from ..io import atomic_write_text, load_checkpoint, read_metrics, save_checkpoint
 from ..progress import progress_bar
 from ..errors import ConfigError, NonFiniteLossError
 from ..models.resnet_cifar import ResNetCifar, build_resnet_cifar
@@ -98,21 +98,6 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
              device: torch.device | str = "cpu") -> float:
     """Top-1 accuracy (%) of ``model`` in eval mode on uint8 ``images``."""
     return 100.0 * float(correct_per_image(model, images, labels, batch_size, device).float().mean())
-
-
-def _read_metrics(path: Path, upto: int) -> list[str]:
-    """The lines of ``metrics.jsonl`` up to iteration ``upto`` (later ones belong to lost work)."""
-    if not path.is_file():
-        return []
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-        if row.get("step", 0) <= upto:
-            keep.append(line + "\n")
-    return keep
 
 
 def saved_progress(out: str | Path) -> dict[str, int] | None:
@@ -189,7 +174,7 @@ def train_source(
             gen.set_state(state["generator"])
             if start_step:
                 perm, window, epoch_sums = state["perm"], state["window"], state["epoch_sums"]
-        atomic_write_text(out / LOG_FILE, "".join(_read_metrics(out / LOG_FILE, int(state["iteration"]))))
+        atomic_write_text(out / LOG_FILE, "".join(json.dumps(r) + "\n" for r in read_metrics(out / LOG_FILE, int(state["iteration"]))))
     atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(cfg, sort_keys=False))
 
     def checkpoint(epoch: int, step: int) -> None:
