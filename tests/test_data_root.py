@@ -1,6 +1,5 @@
 """FASTADAPT_DATA: where the real datasets are, for the loaders and for the tests."""
 
-from pathlib import Path
 
 import pytest
 

@@ -19,7 +19,7 @@ from PIL import Image
 from fastadapt.data import cifar10 as C10
 from fastadapt.errors import ConfigError, DataError
 from fastadapt.models.resnet_cifar import ResNetCifar, build_resnet_cifar
-from fastadapt.tta.cli import main as tta_main
+from fastadapt.cli import main as tta_main
 
 
 @pytest.fixture(autouse=True)

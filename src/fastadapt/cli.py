@@ -16,7 +16,7 @@ from . import __version__
 from . import data as _data  # noqa: F401  (registers datasets)
 from . import methods as _methods  # noqa: F401  (registers methods)
 from . import models as _models  # noqa: F401  (registers backbones)
-from .config import (DEFAULTS, adopt_run_decisions, check_same_run, default_run_dir, load_yaml, method_defaults,
+from .config import (DEFAULTS, adopt_run_decisions, check_same_run, default_run_dir, load_yaml,
                      method_options, resolve, save_yaml, validate)
 from .data import build_task_source
 from .engine.allocator import tune_malloc

@@ -230,18 +230,3 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"mean error over {len(results)} corruptions{note} at severity {args.severity}: {mean:.2f} %")
     save()
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastadapt")
-    add_tta_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except FastAdaptError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
