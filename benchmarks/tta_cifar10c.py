@@ -39,7 +39,8 @@ from _common import commit, machine  # noqa: E402
 from fastadapt.engine.threads import cost_context, load_average
 from fastadapt.engine.tta_eval import CI_KIND, evaluate_run, format_tta_result, paired_difference
 from fastadapt.io import atomic_write_text
-from fastadapt.tta.corruptions import CORRUPTIONS
+from fastadapt.errors import DataError
+from fastadapt.tta.corruptions import CORRUPTIONS, frost_photographs
 from fastadapt.tta.train_source import CHECKPOINT, OLD_CHECKPOINT, read_run
 
 FORMAT = 2
@@ -192,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown method {m}; choose from {', '.join(METHODS)}")
     names = _names(args.corruptions)
     ttt_names = _names(args.ttt_corruptions) if args.ttt_corruptions else names
+    if "frost" in names + ttt_names:
+        try:  # checked before any work, not after the corruptions before frost
+            frost_photographs()
+        except DataError as exc:
+            raise SystemExit(f"{exc} (or leave frost out with --corruptions)") from None
     run = Path(args.run)
     model_cfg, summary = read_run(run)
     images = {"source": args.max_images, "bn": args.max_images, "tent": args.max_images,
