@@ -303,3 +303,15 @@ def test_briefly_trained_qiao_beats_chance_on_glyphs():
     res = fa.evaluate(learner, test, episodes=60, progress=False)
     assert res["accuracy"] > 55.0, res
     assert res["accuracy"] > untrained["accuracy"] + 4.0, (untrained, res)
+
+
+def test_omniglot_preset_builds_without_reading_the_data():
+    from pathlib import Path
+
+    from fastadapt.config import load_yaml
+
+    preset = load_yaml(Path(__file__).resolve().parents[1] / "configs" / "qiao_omniglot_5w1s.yaml")
+    cfg = resolve("qiao", preset, {})
+    learner = fa.Qiao.from_config(cfg, (1, 28, 28))
+    assert learner.base_classes == 4112 and learner.pretrain_steps < cfg["steps"]
+    assert (cfg["ways"], cfg["shots"], cfg["eval"]["ways"], cfg["eval"]["shots"]) == (60, 1, 5, 1)
