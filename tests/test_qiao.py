@@ -315,3 +315,11 @@ def test_omniglot_preset_builds_without_reading_the_data():
     learner = fa.Qiao.from_config(cfg, (1, 28, 28))
     assert learner.base_classes == 4112 and learner.pretrain_steps < cfg["steps"]
     assert (cfg["ways"], cfg["shots"], cfg["eval"]["ways"], cfg["eval"]["shots"]) == (60, 1, 5, 1)
+
+
+def test_predictor_has_its_own_learning_rate():
+    learner = fa.Qiao(Flat(4), base_classes=3, predictor_lr=2e-4)
+    groups = learner.parameter_groups()
+    assert groups[1]["lr"] == 2e-4 and {id(p) for p in groups[1]["params"]} == {id(p) for p in learner.predictor.parameters()}
+    assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in learner.parameters()}
+    assert fa.Qiao(Flat(4), base_classes=3, predictor_lr=None).parameter_groups() is None

@@ -135,6 +135,7 @@ SPECS: dict[str, dict[str, Any]] = {
     "pretrain_steps": _spec("int", low=0),
     "mix_prob": _spec("float", low=0, high=1),
     "predictor": _spec("str", choices=("mlp", "linear")),
+    "predictor_lr": _spec("float", low=0, low_open=True),
     "finetune_extractor": _spec("bool"),
     "joint": _spec("bool"),
 }

@@ -34,6 +34,7 @@ activations.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -91,11 +92,12 @@ class Qiao(PretrainedClassifier):
 
     Pre-trains a cosine classifier of all training classes for ``pretrain_steps`` steps
     (batches of ``pretrain_batch`` images), then meta-trains a predictor ``phi`` from a class's
-    mean support activation to its classifier weights, mixing predicted and base weights with
-    probability ``mix_prob`` (see the module docstring). A new task is fitted by predicting the
-    weights of its classes from their support activations (one forward pass); ``--joint`` also
-    keeps the base classes in the classifier at test time. ``--finetune-extractor`` trains the
-    extractor and base weights together with ``phi`` in the second stage.
+    mean support activation to its classifier weights (Adam at ``predictor_lr``), mixing predicted
+    and base weights with probability ``mix_prob`` (see the module docstring). A new task is fitted
+    by predicting the weights of its classes from their support activations (one forward pass);
+    ``--joint`` also keeps the base classes in the classifier at test time.
+    ``--finetune-extractor`` trains the extractor and base weights together with ``phi`` in the
+    second stage.
 
     Shapes: ``adapt(support_x [S, *in], support_y [S]) -> weights [ways, D]`` (``[ways + C, D]``
     with ``joint``); ``predict(weights, x [Q, *in]) -> logits [Q, ways]`` (``[Q, ways + C]``).
@@ -107,25 +109,30 @@ class Qiao(PretrainedClassifier):
         "pretrain_steps": 300,
         "mix_prob": 0.9,
         "predictor": "mlp",
+        "predictor_lr": 1e-4,
         "finetune_extractor": False,
         "joint": False,
     }
 
     def __init__(self, backbone: nn.Module, base_classes: int, pretrain_steps: int = 300, mix_prob: float = 0.9,
                  predictor: str = "mlp", finetune_extractor: bool = False, joint: bool = False,
-                 **kwargs: Any) -> None:
+                 predictor_lr: float | None = 1e-4, **kwargs: Any) -> None:
         super().__init__(backbone, base_classes, **kwargs)
-        self._check_qiao_options(pretrain_steps, mix_prob)
+        self._check_qiao_options(pretrain_steps, mix_prob, predictor_lr)
         self.pretrain_steps, self.mix_prob = int(pretrain_steps), float(mix_prob)
+        self.predictor_lr = None if predictor_lr is None else float(predictor_lr)
         self.finetune_extractor, self.joint = bool(finetune_extractor), bool(joint)
         self.predictor = WeightPredictor(self.classifier.shape[1], predictor)
 
     @staticmethod
-    def _check_qiao_options(pretrain_steps: int, mix_prob: float) -> None:
+    def _check_qiao_options(pretrain_steps: int, mix_prob: float, predictor_lr: float | None) -> None:
         if isinstance(pretrain_steps, bool) or not isinstance(pretrain_steps, int) or pretrain_steps < 0:
             raise ConfigError(f"--pretrain-steps must be a whole number >= 0, got {pretrain_steps!r}")
         if isinstance(mix_prob, bool) or not isinstance(mix_prob, (int, float)) or not 0.0 <= mix_prob <= 1.0:
             raise ConfigError(f"--mix-prob must be a probability in [0, 1], got {mix_prob!r}")
+        if predictor_lr is not None and not (isinstance(predictor_lr, (int, float)) and not isinstance(predictor_lr, bool)
+                                             and math.isfinite(predictor_lr) and predictor_lr > 0):
+            raise ConfigError(f"--predictor-lr must be a positive number, got {predictor_lr!r}")
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], in_shape: tuple[int, ...]) -> "Qiao":
@@ -135,8 +142,19 @@ class Qiao(PretrainedClassifier):
             raise ConfigError(f"--pretrain-steps {opts['pretrain_steps']} leaves no meta-training in --steps {steps}; "
                               f"raise --steps above {opts['pretrain_steps']} or lower --pretrain-steps")
         return cls(cls._backbone(opts, in_shape), base_classes_of(cfg), pretrain_steps=opts["pretrain_steps"],
-                   mix_prob=opts["mix_prob"], predictor=opts["predictor"],
+                   mix_prob=opts["mix_prob"], predictor=opts["predictor"], predictor_lr=opts["predictor_lr"],
                    finetune_extractor=opts["finetune_extractor"], joint=opts["joint"], **cls._classifier_kwargs(opts))
+
+    def parameter_groups(self) -> list[dict[str, Any]] | None:
+        """The predictor trains at ``predictor_lr`` (``None``: the run's rate), the rest at the run's
+        rate. Adam's first steps move every entry by about the rate whatever its gradient; at the
+        run's 1e-3 that bends the identity-initialised predictor far from the identity within a few
+        steps, before it has learned anything, so it gets a smaller rate of its own."""
+        if self.predictor_lr is None:
+            return None
+        own = {id(p) for p in self.predictor.parameters()}
+        return [{"params": [p for p in self.parameters() if id(p) not in own and p.requires_grad]},
+                {"params": list(self.predictor.parameters()), "lr": self.predictor_lr}]
 
     # ---------------------------------------------------------------- the two stages
     def pretraining(self, step: int) -> bool:
