@@ -323,3 +323,16 @@ def test_predictor_has_its_own_learning_rate():
     assert groups[1]["lr"] == 2e-4 and {id(p) for p in groups[1]["params"]} == {id(p) for p in learner.predictor.parameters()}
     assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in learner.parameters()}
     assert fa.Qiao(Flat(4), base_classes=3, predictor_lr=None).parameter_groups() is None
+
+
+def test_finetune_extractor_trains_extractor_and_base_rows_in_the_meta_stage():
+    learner = fa.Qiao(small_conv(), base_classes=6, finetune_extractor=True, mix_prob=0.5)
+    sx, sy, qx, qy = episode()
+    loss, _ = learner.meta_loss(EpisodeWithClasses(Episode(sx, sy, qx, qy), torch.tensor([4, 0, 2])))
+    loss.backward()
+    assert all(p.grad is not None for p in learner.backbone.parameters() if p.requires_grad)
+    assert learner.classifier.grad is not None and learner.classifier.grad.abs().sum() > 0
+    # BatchNorm ran in eval mode (its running statistics untouched) and the train mode is back
+    assert learner.backbone.training
+    bn = next(m for m in learner.backbone.modules() if isinstance(m, nn.BatchNorm2d))
+    assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
