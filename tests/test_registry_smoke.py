@@ -24,7 +24,8 @@ def test_registered_method_trains_adapts_and_predicts(name):
     opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
     before = [p.detach().clone() for p in learner.parameters()]
     gen = torch.Generator().manual_seed(0)
-    metrics = learner.train_step(source.sample_batch(gen, 2), opt, 1)
+    # The trainer's path: a learner draws its own batches (classifier pre-training draws labelled images).
+    metrics = learner.train_step(learner.draw_batch(source, gen, 2, 1), opt, 1)
     assert metrics and all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     assert any(not torch.equal(a, p) for a, p in zip(before, learner.parameters())), "a step must move weights"
     res = evaluate(learner, build_task_source(cfg, "test", 3, 2, 2), episodes=3, progress=False)

@@ -252,6 +252,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     regression = getattr(source, "kind", "classification") == "regression"
     extra = [f"batching {cfg['batching']}"] if "batching" in cfg else []
+    if "pretrain_batch" in cfg:  # ncm, qiao: a classifier of the training classes comes first
+        pre = min(cfg.get("pretrain_steps", cfg["steps"]), cfg["steps"])
+        extra.append(f"{'every iteration pre-trains' if pre == cfg['steps'] else f'iterations 1-{pre} pre-train'} a "
+                     f"classifier of {cfg.get('base_classes')} classes on batches of {cfg['pretrain_batch']} images")
     print(f"{'resuming' if resuming else 'training'} {cfg['method']} on {cfg['dataset']} "
           f"({_setting(cfg, regression)}, {cfg['steps']} iterations, meta-batch {cfg['meta_batch']}, "
           f"{', '.join(extra + [f'{torch.get_num_threads()} threads'])}) -> {run_dir}", flush=True)

@@ -127,6 +127,17 @@ SPECS: dict[str, dict[str, Any]] = {
     "anneal_steps": _spec("int", low=0),
     "lam": _spec("float", low=0, low_open=True),
     "cg_steps": _spec("int", low=1),
+    # classifier pre-training (ncm, qiao) and parameter prediction (qiao)
+    "pretrain_batch": _spec("int", low=1),
+    "scale": _spec("float", low=0, low_open=True),
+    "learn_scale": _spec("bool"),
+    "base_classes": _spec("int", low=2),
+    "pretrain_steps": _spec("int", low=0),
+    "mix_prob": _spec("float", low=0, high=1),
+    "predictor": _spec("str", choices=("mlp", "linear")),
+    "predictor_lr": _spec("float", low=0, low_open=True),
+    "finetune_extractor": _spec("bool"),
+    "joint": _spec("bool"),
 }
 
 

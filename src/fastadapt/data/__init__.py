@@ -14,9 +14,11 @@ from typing import Any
 from ..errors import ConfigError, DataError
 from ..registry import DATASETS
 from ..tasks.sampler import ClassPool, EpisodeSampler
+from .glyphs import SPLITS as _GLYPH_SPLITS
 from .glyphs import glyph_pools
-from .imagefolder import imagefolder_pools
-from .omniglot import omniglot_pools
+from .imagefolder import imagefolder_pools, imagefolder_classes
+from .omniglot import ROTATIONS as _OMNIGLOT_ROTATIONS
+from .omniglot import omniglot_pools, split_characters
 
 
 def _pick_split(pools: dict[str, ClassPool], split: str, cfg: dict[str, Any], dataset: str) -> tuple[ClassPool, str]:
@@ -46,6 +48,22 @@ def _gray_square(cfg: dict[str, Any]) -> tuple[int, int, int]:
 builtin_tasks.in_shape = _gray_square  # type: ignore[attr-defined]
 
 
+def _split_name(cfg: dict[str, Any], split: str) -> str:
+    return (cfg.get("train_split") or "train") if split == "train" else split
+
+
+def _glyph_classes(cfg: dict[str, Any], split: str) -> int:
+    split = _split_name(cfg, split)
+    if split == "trainval":
+        return _GLYPH_SPLITS["train"] + _GLYPH_SPLITS["val"]
+    return _GLYPH_SPLITS[split]
+
+
+# Classes of a split, known without reading the data: learners with one classifier row per
+# training class (qiao, ncm) are built from a configuration alone (fastadapt.load_run).
+builtin_tasks.num_classes = _glyph_classes  # type: ignore[attr-defined]
+
+
 @DATASETS.register("omniglot")
 def omniglot_tasks(cfg: dict[str, Any], split: str, ways: int, shots: int, queries: int) -> EpisodeSampler:
     """Omniglot, Vinyals split with rotations (see :mod:`fastadapt.data.omniglot`)."""
@@ -57,6 +75,8 @@ def omniglot_tasks(cfg: dict[str, Any], split: str, ways: int, shots: int, queri
 
 
 omniglot_tasks.in_shape = _gray_square  # type: ignore[attr-defined]
+omniglot_tasks.num_classes = (  # type: ignore[attr-defined]
+    lambda cfg, split: len(split_characters(_split_name(cfg, split))) * len(_OMNIGLOT_ROTATIONS))
 
 
 @DATASETS.register("imagefolder")
@@ -68,6 +88,16 @@ def imagefolder_tasks(cfg: dict[str, Any], split: str, ways: int, shots: int, qu
     pools = imagefolder_pools(str(data_dir), int(cfg.get("image_size") or 84), bool(cfg.get("progress", True)))
     pool, split = _pick_split(pools, split, cfg, "imagefolder")
     return EpisodeSampler(pool, ways, shots, queries, split)
+
+
+def _imagefolder_classes(cfg: dict[str, Any], split: str) -> int:
+    data_dir = cfg.get("data_dir")
+    if not data_dir:
+        raise ConfigError("--dataset imagefolder needs --data-dir DIR (DIR/train/<class>/*, DIR/test/<class>/*)")
+    return imagefolder_classes(str(data_dir), _split_name(cfg, split))
+
+
+imagefolder_tasks.num_classes = _imagefolder_classes  # type: ignore[attr-defined]
 
 
 def build_task_source(cfg: dict[str, Any], split: str, ways: int, shots: int, queries: int) -> Any:

@@ -43,6 +43,15 @@ def _scan(root: Path) -> dict[str, list[tuple[str, list[Path]]]]:
     return found
 
 
+def imagefolder_classes(data_dir: str, split: str) -> int:
+    """The number of classes of ``split`` in ``data_dir``, from the folder listing alone (no image
+    is decoded)."""
+    found = _scan(Path(data_dir))
+    if split not in found:
+        raise DataError(f"the imagefolder dataset has no '{split}' split (it has {', '.join(sorted(found))})")
+    return len(found[split])
+
+
 @lru_cache(maxsize=2)
 def imagefolder_pools(data_dir: str, image_size: int = 84, progress: bool = True) -> dict[str, ClassPool]:
     """Class pools of each split present in ``data_dir``."""

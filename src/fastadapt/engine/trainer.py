@@ -339,7 +339,7 @@ def meta_train(
         with _StopRequest() as stop, PeakMemory(device) as pm:
             while step < s.steps and not (s.max_train_seconds and train_seconds >= s.max_train_seconds):
                 t0 = time.perf_counter()
-                batch = source.sample_batch(gen, s.meta_batch).to(device, non_blocking=True)
+                batch = learner.draw_batch(source, gen, s.meta_batch, step + 1).to(device, non_blocking=True)
                 try:
                     metrics = learner.train_step(batch, optimizer, step + 1)
                 except NonFiniteLossError as exc:

@@ -5,5 +5,7 @@ from .protonet import ProtoNet
 from .maml import ANIL, FOMAML, MAML, MetaSGD, Pretrained
 from .reptile import Reptile
 from .imaml import IMAML
+from .ncm import NCM
+from .qiao import Qiao
 
-__all__ = ["MetaLearner", "ProtoNet", "MAML", "FOMAML", "ANIL", "MetaSGD", "Pretrained", "Reptile", "IMAML"]
+__all__ = ["MetaLearner", "ProtoNet", "MAML", "FOMAML", "ANIL", "MetaSGD", "Pretrained", "Reptile", "IMAML", "NCM", "Qiao"]

@@ -54,6 +54,13 @@ class MetaLearner(nn.Module):
         """Outputs (logits, or regression values) of the adapted learner on inputs ``x``."""
         raise NotImplementedError
 
+    def draw_batch(self, source: Any, generator: torch.Generator, meta_batch: int, step: int) -> Any:
+        """The training batch of meta-iteration ``step`` (1-based): ``meta_batch`` episodes by
+        default. A learner that trains on something else at some steps (a classifier pre-training
+        stage) overrides this; everything comes from ``generator``, which the trainer checkpoints,
+        so a resumed run continues the same stream."""
+        return source.sample_batch(generator, meta_batch)
+
     def train_step(self, batch: Episode, optimizer: torch.optim.Optimizer, step: int = 0) -> dict[str, float]:
         """One meta-iteration. Raises :class:`NonFiniteLossError` before touching the weights
         if the loss is NaN or infinite."""

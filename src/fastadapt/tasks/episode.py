@@ -55,3 +55,41 @@ class Episode:
         if not episodes:
             raise ValueError("cannot stack an empty list of episodes")
         return Episode(*(torch.stack([getattr(e, f.name) for e in episodes]) for f in fields(Episode)))
+
+
+@dataclass
+class LabelledBatch:
+    """Images with class ids that are global to their split: the batches of an ordinary
+    classifier (pre-training a feature extractor on all training classes).
+
+    Shapes: ``x [B, *in_shape]`` (float), ``y [B]`` (long, ``0..classes-1`` of the split).
+    """
+
+    x: Tensor
+    y: Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "LabelledBatch":
+        return LabelledBatch(self.x.to(device, non_blocking=non_blocking), self.y.to(device, non_blocking=non_blocking))
+
+
+@dataclass
+class EpisodeWithClasses:
+    """An episode (or a batch of them) together with the split-level ids of the classes it drew:
+    ``classes[k]`` is the class of label ``k`` (``[ways]``, or ``[T, ways]`` for a batch), so a
+    learner that keeps one classifier row per training class can find the rows of an episode."""
+
+    episode: Episode
+    classes: Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "EpisodeWithClasses":
+        return EpisodeWithClasses(self.episode.to(device, non_blocking), self.classes.to(device, non_blocking=non_blocking))
+
+    @property
+    def num_tasks(self) -> int:
+        return self.episode.num_tasks
+
+    def tasks(self) -> list[tuple[Episode, Tensor]]:
+        """``(episode, classes)`` of every task, without the task dimension."""
+        if not self.episode.batched:
+            return [(self.episode, self.classes)]
+        return [(self.episode.task(i), self.classes[i]) for i in range(self.num_tasks)]

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, DataError
-from .episode import Episode
+from .episode import Episode, EpisodeWithClasses, LabelledBatch
 
 
 @dataclass
@@ -124,18 +124,21 @@ class EpisodeSampler:
                     return torch.tensor(list(seen), dtype=torch.long)
         return torch.randperm(n, generator=generator)[: self.ways]
 
-    def sample_indices(self, generator: torch.Generator) -> Tensor:
-        """Row indices into ``pool.images``, shape ``[ways, shots + queries]``."""
+    def _draw(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Row indices into ``pool.images`` ``[ways, shots + queries]`` and the classes ``[ways]``."""
         pool = self.pool
         classes = self.sample_classes(generator)
         keys = torch.rand(self.ways, self._invalid.shape[1], generator=generator)
         if self._uneven:
             keys.masked_fill_(self._invalid[classes], 2.0)
         picks = keys.topk(self.shots + self.queries, dim=1, largest=False, sorted=True).indices
-        return pool.offsets[classes][:, None] + picks
+        return pool.offsets[classes][:, None] + picks, classes
 
-    def sample(self, generator: torch.Generator) -> Episode:
-        idx = self.sample_indices(generator)
+    def sample_indices(self, generator: torch.Generator) -> Tensor:
+        """Row indices into ``pool.images``, shape ``[ways, shots + queries]``."""
+        return self._draw(generator)[0]
+
+    def _episode(self, idx: Tensor) -> Episode:
         # index_select is several times faster than advanced indexing for this gather.
         x = self.pool.images.index_select(0, idx.reshape(-1)).reshape(*idx.shape, *self.pool.image_shape)
         x = x.float().div_(255.0)
@@ -144,6 +147,40 @@ class EpisodeSampler:
         query = x[:, s:].reshape(-1, *self.pool.image_shape)
         return Episode(support, self._support_y.clone(), query, self._query_y.clone())
 
+    def sample(self, generator: torch.Generator) -> Episode:
+        return self._episode(self.sample_indices(generator))
+
     def sample_batch(self, generator: torch.Generator, num_tasks: int) -> Episode:
         """``num_tasks`` episodes stacked with a leading task dimension."""
         return Episode.stack([self.sample(generator) for _ in range(num_tasks)])
+
+    def sample_batch_with_classes(self, generator: torch.Generator, num_tasks: int) -> EpisodeWithClasses:
+        """What :meth:`sample_batch` draws (the same episodes from the same generator state), with
+        the pool's ids of each episode's classes (``classes [num_tasks, ways]``)."""
+        drawn = [self._draw(generator) for _ in range(num_tasks)]
+        return EpisodeWithClasses(Episode.stack([self._episode(idx) for idx, _ in drawn]),
+                                  torch.stack([classes for _, classes in drawn]))
+
+    @property
+    def num_classes(self) -> int:
+        return self.pool.num_classes
+
+    def _labelled_rows(self) -> tuple[Tensor, Tensor]:
+        """Every image row that belongs to a class, and its class (computed once)."""
+        if not hasattr(self, "_rows"):
+            counts = self.pool.counts
+            cls = torch.repeat_interleave(torch.arange(len(counts)), counts)
+            start = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+            within = torch.arange(int(counts.sum())) - start
+            self._rows, self._row_class = self.pool.offsets[cls] + within, cls
+        return self._rows, self._row_class
+
+    def sample_labelled(self, generator: torch.Generator, batch_size: int) -> LabelledBatch:
+        """``batch_size`` images drawn uniformly (with replacement) from the whole split, with
+        their class ids ``0..num_classes-1``: the batches of an ordinary classifier."""
+        if batch_size < 1:
+            raise ConfigError(f"--pretrain-batch must be at least 1, got {batch_size}")
+        rows, row_class = self._labelled_rows()
+        pick = torch.randint(0, len(rows), (batch_size,), generator=generator)
+        x = self.pool.images.index_select(0, rows[pick]).float().div_(255.0)
+        return LabelledBatch(x, row_class[pick])
