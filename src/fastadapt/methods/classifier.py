@@ -59,6 +59,12 @@ class PretrainedClassifier(MetaLearner):
     """
 
     options = {"backbone": "conv4", "pretrain_batch": 128, "scale": 10.0, "learn_scale": True}
+    option_help = {
+        "backbone": "feature extractor: conv4, resnet12 or resnet12-dropblock",
+        "pretrain_batch": "labelled images per pre-training step (all training classes)",
+        "scale": "temperature of the cosine classifier's logits",
+        "learn_scale": "learn the temperature",
+    }
 
     def __init__(self, backbone: nn.Module, base_classes: int, scale: float = 10.0, learn_scale: bool = True,
                  pretrain_batch: int = 128) -> None:

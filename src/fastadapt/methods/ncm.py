@@ -34,6 +34,7 @@ class NCM(PretrainedClassifier):
 
     name = "ncm"
     options = {**PretrainedClassifier.options, "distance": "cosine"}
+    option_help = {**PretrainedClassifier.option_help, "distance": "nearest class mean by cosine or euclidean"}
 
     def __init__(self, backbone: nn.Module, base_classes: int, distance: str = "cosine", **kwargs: Any) -> None:
         super().__init__(backbone, base_classes, **kwargs)

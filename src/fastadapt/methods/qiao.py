@@ -113,6 +113,15 @@ class Qiao(PretrainedClassifier):
         "finetune_extractor": False,
         "joint": False,
     }
+    option_help = {
+        **PretrainedClassifier.option_help,
+        "pretrain_steps": "iterations of classifier pre-training before the predictor is meta-trained",
+        "mix_prob": "probability that an episode class uses its predicted weight (else its base row)",
+        "predictor": "weight predictor from mean activations: mlp or linear",
+        "predictor_lr": "Adam rate of the predictor (its own group)",
+        "finetune_extractor": "also train the extractor while meta-training the predictor",
+        "joint": "classify among base and novel classes at test time (the paper's joint setting)",
+    }
 
     def __init__(self, backbone: nn.Module, base_classes: int, pretrain_steps: int = 300, mix_prob: float = 0.9,
                  predictor: str = "mlp", finetune_extractor: bool = False, joint: bool = False,
