@@ -17,6 +17,7 @@ from ..tasks.sampler import ClassPool, EpisodeSampler
 from .glyphs import glyph_pools
 from .imagefolder import imagefolder_pools
 from .omniglot import omniglot_pools
+from . import image_functions as _image_functions  # noqa: F401,E402  (registers the *-images datasets)
 
 
 def _pick_split(pools: dict[str, ClassPool], split: str, cfg: dict[str, Any], dataset: str) -> tuple[ClassPool, str]:
