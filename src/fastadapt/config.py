@@ -56,6 +56,13 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     # on 100 points per curve over 600 tasks.
     "sinusoid": {"ways": 1, "shots": 10, "queries": 10,
                  "eval": {"ways": 1, "shots": 10, "queries": 100, "episodes": 600}},
+    # Images as functions (trans-inr, learned-init, random-init): a task is one image; ways, shots
+    # and queries do not apply (--support-fraction sets the observed pixels).
+    "builtin-images": {"image_size": 28, "eval": {"episodes": 200}},
+    "omniglot-images": {"image_size": 28, "eval": {"episodes": 500}},
+    "mnist-images": {"image_size": 28, "eval": {"episodes": 500}},
+    "cifar10-images": {"image_size": 32, "eval": {"episodes": 500}},
+    "imagefolder-images": {"image_size": 32, "eval": {"episodes": 500}},
 }
 
 # Keys that may differ when a run is resumed or evaluated: they do not change what is learned.
@@ -127,6 +134,22 @@ SPECS: dict[str, dict[str, Any]] = {
     "anneal_steps": _spec("int", low=0),
     "lam": _spec("float", low=0, low_open=True),
     "cg_steps": _spec("int", low=1),
+    # implicit neural representations (trans-inr, learned-init, random-init)
+    "support_fraction": _spec("float", low=0, low_open=True, high=1),
+    "inr_depth": _spec("int", low=1),
+    "inr_width": _spec("int", low=1),
+    "pe_dim": _spec("int", low=2),
+    "pe_sigma": _spec("float", low=1),
+    "out_bias": _spec("float"),
+    "patch_size": _spec("int", low=1),
+    "trans_dim": _spec("int", low=1),
+    "trans_depth": _spec("int", low=1),
+    "heads": _spec("int", low=1),
+    "head_dim": _spec("int", low=1),
+    "ff_dim": _spec("int", low=1),
+    "n_groups": _spec("int", low=1),
+    "tto_steps": _spec("int", low=0),
+    "tto_lr": _spec("float", low=0, low_open=True),
 }
 
 

@@ -5,5 +5,8 @@ from .protonet import ProtoNet
 from .maml import ANIL, FOMAML, MAML, MetaSGD, Pretrained
 from .reptile import Reptile
 from .imaml import IMAML
+from .learned_init import LearnedInit, RandomInit
+from .trans_inr import TransINR
 
-__all__ = ["MetaLearner", "ProtoNet", "MAML", "FOMAML", "ANIL", "MetaSGD", "Pretrained", "Reptile", "IMAML"]
+__all__ = ["MetaLearner", "ProtoNet", "MAML", "FOMAML", "ANIL", "MetaSGD", "Pretrained", "Reptile", "IMAML",
+           "TransINR", "LearnedInit", "RandomInit"]
