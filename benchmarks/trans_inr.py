@@ -111,7 +111,7 @@ def figure(grids: dict[str, dict[str, torch.Tensor]], rows: dict[str, dict]) -> 
 
     columns = ["ground truth", *METHOD_NAMES]
     n = sum(len(g["ground truth"]) for g in grids.values())
-    fig, axes = plt.subplots(n, len(columns), figsize=(1.25 * len(columns), 1.15 * n + 0.3), squeeze=False)
+    fig, axes = plt.subplots(n, len(columns), figsize=(1.3 * len(columns), 1.2 * n + 0.4 * len(grids)), squeeze=False)
     r = 0
     for dataset, grid in grids.items():
         for i in range(len(grid["ground truth"])):
@@ -124,12 +124,9 @@ def figure(grids: dict[str, dict[str, torch.Tensor]], rows: dict[str, dict]) -> 
                     ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
                 ax.set_xticks([])
                 ax.set_yticks([])
-                if r == 0:
-                    ax.set_title(col, fontsize=7)
-                if i == 0 and j > 0:
-                    ax.set_xlabel(f"{rows[dataset]['results'][col]['psnr']:.1f} dB (mean)", fontsize=6)
-                if j == 0 and i == 0:
-                    ax.set_ylabel(dataset, fontsize=6)
+                if i == 0:  # each dataset's block is headed by the method and its mean test PSNR
+                    head = dataset if j == 0 else f"{col}\n{rows[dataset]['results'][col]['psnr']:.1f} dB"
+                    ax.set_title(head, fontsize=7)
             r += 1
     fig.tight_layout(pad=0.3)
     return fig

@@ -28,6 +28,7 @@ full images can be evaluated on sparse ones (and back) without changing its shap
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -156,7 +157,7 @@ class TransINR(MetaLearner):
     def from_config(cls, cfg: dict[str, Any], in_shape: tuple[int, ...]) -> "TransINR":
         check_image_function(cls.name, cfg)
         o = {**cls.options, **cfg}
-        keys = [k for k in cls.options if k not in ("support_fraction", "meta_batch", "lr", "lr_decay_every")]
+        keys = [k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "image_shape")]
         return cls(tuple(in_shape), **{k: o[k] for k in keys})
 
     # ------------------------------------------------------------------ the forward computation
