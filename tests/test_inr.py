@@ -364,3 +364,31 @@ def test_train_then_eval_prints_psnr_and_writes_a_grid(method, extra, tmp_path, 
     grid = tmp_path / method / "reconstructions-test.png"
     assert grid.is_file() and grid.stat().st_size < 1_000_000
     assert "observed" in capsys.readouterr().out
+
+
+def test_an_interrupted_trans_inr_run_resumes_to_the_same_weights(tmp_path):
+    source = ImageFunctionTasks(smooth_images(32, size=8), "train")
+
+    def learner():
+        torch.manual_seed(0)
+        return fa.TransINR(source.in_shape, inr_depth=2, inr_width=8, pe_dim=4, n_groups=4, **TINY_TRANSFORMER)
+
+    def settings(steps):
+        return fa.TrainSettings(steps=steps, meta_batch=2, lr=1e-3, checkpoint_every=0, progress=False)
+
+    whole = learner()
+    fa.meta_train(whole, source, settings(6), tmp_path / "whole")
+    parts = learner()
+    fa.meta_train(parts, source, settings(3), tmp_path / "parts")
+    resumed = learner()  # a fresh process would rebuild it from scratch, then load the checkpoint
+    fa.meta_train(resumed, source, settings(6), tmp_path / "parts")
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_default_run_folder_of_an_image_function_run_names_the_image_size():
+    from fastadapt.config import default_run_dir
+
+    cfg = resolve("trans-inr", None, {"dataset": "cifar10-images"})
+    assert str(default_run_dir(cfg)) == "runs/trans-inr-cifar10-images-32px-seed0"
+

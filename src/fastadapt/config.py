@@ -299,7 +299,10 @@ def adopt_run_decisions(saved: dict[str, Any], cfg: dict[str, Any]) -> None:
 
 def default_run_dir(cfg: dict[str, Any]) -> Path:
     """``runs/<method>-<dataset>-<ways>w<shots>s-seed<seed>``: the same command, the same folder,
-    so re-running an interrupted command resumes it."""
+    so re-running an interrupted command resumes it. Image functions (one image per task) have no
+    ways or shots: ``runs/<method>-<dataset>-<size>px-seed<seed>``."""
+    if getattr(DATASETS.get(cfg["dataset"]), "kind", None) == "image_function":
+        return Path("runs") / f"{cfg['method']}-{cfg['dataset']}-{cfg.get('image_size')}px-seed{cfg['seed']}"
     return Path("runs") / f"{cfg['method']}-{cfg['dataset']}-{cfg['ways']}w{cfg['shots']}s-seed{cfg['seed']}"
 
 
