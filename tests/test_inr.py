@@ -361,9 +361,9 @@ def test_train_then_eval_prints_psnr_and_writes_a_grid(method, extra, tmp_path, 
     res = json.loads(js.read_text())
     assert res["episodes"] == 4 and res["ci95"] >= 0 and math.isfinite(res["psnr"])
     assert res["support_fraction"] == 0.5 and res["image_size"] == 12 and "ways" not in res
-    grid = tmp_path / method / "reconstructions-test.png"
-    assert grid.is_file() and grid.stat().st_size < 1_000_000
-    assert "observed" in capsys.readouterr().out
+    grid = tmp_path / method / "reconstructions-test-support0.5.png"
+    assert grid.is_file() and grid.stat().st_size < 1_000_000 and res["grid"] == str(grid)
+    assert "(ground truth | observed | " in capsys.readouterr().out
 
 
 def test_an_interrupted_trans_inr_run_resumes_to_the_same_weights(tmp_path):

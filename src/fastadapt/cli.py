@@ -311,7 +311,7 @@ def _reconstruction_grid(learner: Any, source: Any, path: Path, cfg: dict[str, A
 
     out = reconstruct(learner, source, count=8, seed=seed, device=cfg["device"])
     columns = {"ground truth": out["ground truth"], "observed": out["observed"], cfg["method"]: out["reconstruction"]}
-    if source.support_pixels == out["ground truth"][0, 0].numel():
+    if source.support_fraction == 1:
         del columns["observed"]  # every pixel observed: the same as the ground truth
     return save_grid(columns, path, title=f"{cfg['method']} · {cfg['dataset']}")
 
@@ -343,9 +343,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{args.split} {_setting(ev, regression, source)}: {format_result(res)}")
     print(f"meta-training time: {res['meta_train_seconds']:.1f} s ({res['step']} iterations)")
     if getattr(source, "kind", None) == IMAGE_FUNCTION:
-        grid = Path(args.grid) if args.grid else run_dir / f"reconstructions-{args.split}.png"
+        sparse = "" if source.support_fraction == 1 else f"-support{source.support_fraction:g}"
+        grid = Path(args.grid) if args.grid else run_dir / f"reconstructions-{args.split}{sparse}.png"
         res["grid"] = str(_reconstruction_grid(learner, source, grid, cfg, seed=args.seed))
-        print(f"reconstructions (ground truth | observed | {cfg['method']}): {res['grid']}")
+        shown = " | ".join(["ground truth", *(["observed"] if sparse else []), cfg["method"]])
+        print(f"reconstructions ({shown}): {res['grid']}")
     if args.json:
         atomic_write_text(args.json, json.dumps(res, indent=2) + "\n")
     return 0
