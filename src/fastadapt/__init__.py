@@ -12,6 +12,7 @@ from .engine.runs import load_run  # noqa: E402
 from .engine.trainer import TrainSettings, meta_train  # noqa: E402
 from .methods import ANIL, FOMAML, IMAML, MAML, MetaLearner, MetaSGD, Pretrained, ProtoNet, Reptile  # noqa: E402
 from .methods import NCM, Qiao  # noqa: E402
+from .methods import LearnedInit, RandomInit, TransINR  # noqa: E402
 from .methods.maml import BodyHead  # noqa: E402
 from .models import Conv4  # noqa: E402
 from .models import ResNet12  # noqa: E402
@@ -21,4 +22,4 @@ from .tasks import ClassPool, Episode, EpisodeSampler  # noqa: E402
 __all__ = ["build_task_source", "evaluate", "format_result", "TrainSettings", "meta_train", "load_run", "MetaLearner",
            "ProtoNet", "MAML", "FOMAML", "ANIL", "MetaSGD", "Reptile", "IMAML", "Pretrained", "BodyHead",
            "Conv4", "ClassPool", "Episode", "EpisodeSampler",
-           "NCM", "Qiao", "ResNet12"]
+           "NCM", "Qiao", "ResNet12", "TransINR", "LearnedInit", "RandomInit"]

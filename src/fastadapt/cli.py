@@ -27,6 +27,7 @@ from .engine.trainer import CHECKPOINT, CURVE, METRICS, RunInterrupted, TrainSet
 from .errors import ConfigError, FastAdaptError, UnknownNameError
 from .io import atomic_write_text, previous_checkpoint
 from .registry import BACKBONES, DATASETS, METHODS
+from .tasks.image_function import KIND as IMAGE_FUNCTION
 from .tta.cli import add_tta_parser
 
 TRAIN_KEYS = ("dataset", "data_dir", "download", "image_size", "train_split", "ways", "shots", "queries", "steps",
@@ -103,8 +104,9 @@ def _add_method_parser(methods: Any, name: str) -> None:
     core = m.add_argument_group("run options")
     for key, (kwargs, text) in CORE_HELP.items():
         text = text.format(datasets=", ".join(DATASETS.names()))
-        core.add_argument(_flag(key), dest=key, default=None, help=f"{text} {_defaults_text(key, base, by_dataset)}",
-                          **kwargs)
+        # The dataset's own default differs "by dataset" trivially: show the method's only.
+        shown = f"(default {base['dataset']})" if key == "dataset" else _defaults_text(key, base, by_dataset)
+        core.add_argument(_flag(key), dest=key, default=None, help=f"{text} {shown}", **kwargs)
         if key == "dataset":
             core.add_argument("--task", dest="dataset", help="alias of --dataset (e.g. --task sinusoid)")
     core.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
@@ -162,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", help="cpu or cuda (default: the run's)")
     e.add_argument("--threads", type=int, help="CPU threads (default 0: $OMP_NUM_THREADS if set, else one per core)")
     e.add_argument("--json", help="also write the results to this JSON file")
+    e.add_argument("--grid", help="image functions: write the reconstruction grid of the first 8 test images here "
+                                  "(default RUN_DIR/reconstructions-SPLIT.png)")
     e.add_argument("--no-progress", action="store_true")
     g = e.add_argument_group("method options (each method reads its own)")
     for key, default in method_options().items():
@@ -208,7 +212,9 @@ def _eval_source(data_cfg: dict[str, Any], split: str, ev: dict[str, Any]) -> An
         raise ConfigError(re.sub(r"--(ways|shots|queries)\b", r"--eval-\1", str(exc))) from None
 
 
-def _setting(c: dict[str, Any], regression: bool) -> str:
+def _setting(c: dict[str, Any], regression: bool, source: Any = None) -> str:
+    if getattr(source, "kind", None) == IMAGE_FUNCTION:
+        return source.describe()
     if regression:
         return f"{c['shots']}-shot regression, {c['queries']} query points"
     return f"{c['ways']}-way {c['shots']}-shot, {c['queries']} queries per class"
@@ -251,16 +257,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     atomic_write_text(run_dir / "config.yaml", save_yaml(cfg))
 
     regression = getattr(source, "kind", "classification") == "regression"
+    images = getattr(source, "kind", None) == IMAGE_FUNCTION
     extra = [f"batching {cfg['batching']}"] if "batching" in cfg else []
     if "pretrain_batch" in cfg:  # ncm, qiao: a classifier of the training classes comes first
         pre = min(cfg.get("pretrain_steps", cfg["steps"]), cfg["steps"])
         extra.append(f"{'every iteration pre-trains' if pre == cfg['steps'] else f'iterations 1-{pre} pre-train'} a "
                      f"classifier of {cfg.get('base_classes')} classes on batches of {cfg['pretrain_batch']} images")
     print(f"{'resuming' if resuming else 'training'} {cfg['method']} on {cfg['dataset']} "
-          f"({_setting(cfg, regression)}, {cfg['steps']} iterations, meta-batch {cfg['meta_batch']}, "
+          f"({_setting(cfg, regression, source)}, {cfg['steps']} iterations, meta-batch {cfg['meta_batch']}, "
           f"{', '.join(extra + [f'{torch.get_num_threads()} threads'])}) -> {run_dir}", flush=True)
-    print(f"then testing on {ev['episodes']} episodes of unseen {'tasks' if regression else 'classes'}: "
-          f"{_setting(ev, regression)}", flush=True)
+    unseen = "held-out images" if images else f"episodes of unseen {'tasks' if regression else 'classes'}"
+    print(f"then testing on {ev['episodes']} {unseen}: {_setting(ev, regression, test_source)}", flush=True)
     result = meta_train(learner, source, settings, run_dir, val_source)
     print(f"meta-training: {result.step} iterations, {result.train_seconds:.1f} s in all "
           f"({result.episodes_per_s:.1f} episodes/s in this invocation), peak memory {result.peak_mem_mb:.0f} MB",
@@ -270,10 +277,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     res.update(ways=ev["ways"], shots=ev["shots"], queries=ev["queries"], split="test", step=result.step,
                meta_train_seconds=result.train_seconds, train_episodes_per_s=result.episodes_per_s,
                train_peak_mem_mb=result.peak_mem_mb, **cost_context())
+    _image_setting(res, test_source, cfg)
     atomic_write_text(run_dir / "results.json", json.dumps(res, indent=2) + "\n")
     plot_learning_curve(run_dir / METRICS, run_dir / CURVE)  # again, now with the test result
-    print(f"test {_setting(ev, regression)}: {format_result(res)}")
-    print(f"outputs: {run_dir}/ (config.yaml, checkpoint.pt, metrics.jsonl, learning_curve.png, results.json)")
+    print(f"test {_setting(ev, regression, test_source)}: {format_result(res)}")
+    grid = _reconstruction_grid(learner, test_source, run_dir / "reconstructions-test.png", cfg, seed=0) if images else None
+    print(f"outputs: {run_dir}/ (config.yaml, checkpoint.pt, metrics.jsonl, learning_curve.png, results.json"
+          f"{', ' + grid.name if grid else ''})")
     return 0
 
 
@@ -290,6 +300,26 @@ def _saved_config(run_dir: Path) -> dict[str, Any] | None:
 
 def _is_tta_run(run_dir: Path, cfg: dict[str, Any] | None) -> bool:
     return bool(cfg and "arch" in cfg and "method" not in cfg) or (run_dir / "model.pt").is_file()
+
+
+def _image_setting(res: dict[str, Any], source: Any, cfg: dict[str, Any]) -> None:
+    """Image functions have no ways, shots or queries: record the image size and observed fraction."""
+    if getattr(source, "kind", None) != IMAGE_FUNCTION:
+        return
+    for key in ("ways", "shots", "queries"):
+        res.pop(key, None)
+    res.update(image_size=source.in_shape[-1], support_fraction=source.support_fraction)
+
+
+def _reconstruction_grid(learner: Any, source: Any, path: Path, cfg: dict[str, Any], seed: int) -> Path:
+    """Ground truth | observed pixels | reconstruction of the first 8 images an evaluation draws."""
+    from .engine.reconstruct import reconstruct, save_grid
+
+    out = reconstruct(learner, source, count=8, seed=seed, device=cfg["device"])
+    columns = {"ground truth": out["ground truth"], "observed": out["observed"], cfg["method"]: out["reconstruction"]}
+    if source.support_fraction == 1:
+        del columns["observed"]  # every pixel observed: the same as the ground truth
+    return save_grid(columns, path, title=f"{cfg['method']} · {cfg['dataset']}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -314,9 +344,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     res.update(ways=ev["ways"], shots=ev["shots"], queries=ev["queries"], split=args.split, seed=args.seed,
                method=cfg["method"], dataset=cfg["dataset"], step=run.step, meta_train_seconds=run.train_seconds,
                **cost_context())
+    _image_setting(res, source, cfg)
     regression = getattr(source, "kind", "classification") == "regression"
-    print(f"{args.split} {_setting(ev, regression)}: {format_result(res)}")
+    print(f"{args.split} {_setting(ev, regression, source)}: {format_result(res)}")
     print(f"meta-training time: {res['meta_train_seconds']:.1f} s ({res['step']} iterations)")
+    if getattr(source, "kind", None) == IMAGE_FUNCTION:
+        sparse = "" if source.support_fraction == 1 else f"-support{source.support_fraction:g}"
+        grid = Path(args.grid) if args.grid else run_dir / f"reconstructions-{args.split}{sparse}.png"
+        res["grid"] = str(_reconstruction_grid(learner, source, grid, cfg, seed=args.seed))
+        shown = " | ".join(["ground truth", *(["observed"] if sparse else []), cfg["method"]])
+        print(f"reconstructions ({shown}): {res['grid']}")
     if args.json:
         atomic_write_text(args.json, json.dumps(res, indent=2) + "\n")
     return 0

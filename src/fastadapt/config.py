@@ -56,6 +56,13 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     # on 100 points per curve over 600 tasks.
     "sinusoid": {"ways": 1, "shots": 10, "queries": 10,
                  "eval": {"ways": 1, "shots": 10, "queries": 100, "episodes": 600}},
+    # Images as functions (trans-inr, learned-init, random-init): a task is one image; ways, shots
+    # and queries do not apply (--support-fraction sets the observed pixels).
+    "builtin-images": {"image_size": 28, "eval": {"episodes": 200}},
+    "omniglot-images": {"image_size": 28, "eval": {"episodes": 500}},
+    "mnist-images": {"image_size": 28, "eval": {"episodes": 500}},
+    "cifar10-images": {"image_size": 32, "eval": {"episodes": 500}},
+    "imagefolder-images": {"image_size": 32, "eval": {"episodes": 500}},
 }
 
 # Keys that may differ when a run is resumed or evaluated: they do not change what is learned.
@@ -138,6 +145,22 @@ SPECS: dict[str, dict[str, Any]] = {
     "predictor_lr": _spec("float", low=0, low_open=True),
     "finetune_extractor": _spec("bool"),
     "joint": _spec("bool"),
+    # implicit neural representations (trans-inr, learned-init, random-init)
+    "support_fraction": _spec("float", low=0, low_open=True, high=1),
+    "inr_depth": _spec("int", low=1),
+    "inr_width": _spec("int", low=1),
+    "pe_dim": _spec("int", low=2),
+    "pe_sigma": _spec("float", low=1),
+    "out_bias": _spec("float"),
+    "patch_size": _spec("int", low=1),
+    "trans_dim": _spec("int", low=1),
+    "trans_depth": _spec("int", low=1),
+    "heads": _spec("int", low=1),
+    "head_dim": _spec("int", low=1),
+    "ff_dim": _spec("int", low=1),
+    "n_groups": _spec("int", low=1),
+    "tto_steps": _spec("int", low=0),
+    "tto_lr": _spec("float", low=0, low_open=True),
 }
 
 
@@ -287,7 +310,10 @@ def adopt_run_decisions(saved: dict[str, Any], cfg: dict[str, Any]) -> None:
 
 def default_run_dir(cfg: dict[str, Any]) -> Path:
     """``runs/<method>-<dataset>-<ways>w<shots>s-seed<seed>``: the same command, the same folder,
-    so re-running an interrupted command resumes it."""
+    so re-running an interrupted command resumes it. Image functions (one image per task) have no
+    ways or shots: ``runs/<method>-<dataset>-<size>px-seed<seed>``."""
+    if getattr(DATASETS.get(cfg["dataset"]), "kind", None) == "image_function":
+        return Path("runs") / f"{cfg['method']}-{cfg['dataset']}-{cfg.get('image_size')}px-seed{cfg['seed']}"
     return Path("runs") / f"{cfg['method']}-{cfg['dataset']}-{cfg['ways']}w{cfg['shots']}s-seed{cfg['seed']}"
 
 

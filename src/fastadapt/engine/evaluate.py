@@ -10,6 +10,8 @@ import torch
 from ..errors import ConfigError
 from ..methods.base import MetaLearner
 from ..progress import progress_bar
+from ..tasks.image_function import KIND as IMAGE_FUNCTION
+from ..tasks.image_function import psnr
 from .memory import PeakMemory
 from .stats import mean_ci95, median
 
@@ -27,18 +29,25 @@ def evaluate(
     device: torch.device | str = "cpu",
     progress: bool = True,
     desc: str = "eval",
+    keep_scores: bool = False,
 ) -> dict[str, Any]:
     """Adapt to ``episodes`` tasks drawn from ``source`` and score each on its query set.
 
     Returns ``accuracy`` and ``ci95`` in percent for classification (``mse`` and ``ci95`` for
-    regression), ``episodes``, ``adapt_ms`` (median wall time of :meth:`MetaLearner.adapt`
-    per episode), ``predict_ms``, ``peak_mem_mb`` and ``peak_mem_kind``. The episodes are a
-    pure function of ``seed``.
+    regression; for image functions ``psnr`` and ``ci95`` in dB, the mean over images of the
+    per-image PSNR ``10 log10(1 / MSE)`` over all its pixels, and ``mean_mse``), ``episodes``,
+    ``adapt_ms`` (median wall time of :meth:`MetaLearner.adapt` per episode), ``predict_ms``,
+    ``peak_mem_mb`` and ``peak_mem_kind``. The episodes are a pure function of ``seed``.
+    ``keep_scores`` adds ``scores``, the score of every episode in order (for paired comparisons
+    of learners evaluated with the same seed).
     """
     if episodes < 1:
         raise ConfigError(f"--episodes must be at least 1, got {episodes}")
     device = torch.device(device)
-    regression = getattr(source, "kind", "classification") == "regression"
+    kind = getattr(source, "kind", "classification")
+    regression = kind == "regression"
+    image_function = kind == IMAGE_FUNCTION
+    mses: list[float] = []
     gen = torch.Generator().manual_seed(seed)
     was_training = learner.training
     learner.eval()
@@ -61,14 +70,21 @@ def evaluate(
                 t2 = time.perf_counter()
                 adapt_ms.append(1e3 * (t1 - t0))
                 predict_ms.append(1e3 * (t2 - t1))
-                if regression:
+                if image_function:
+                    mse = torch.mean((out.double() - ep.query_y.double()) ** 2)
+                    mses.append(float(mse))
+                    scores.append(float(psnr(mse)))
+                elif regression:
                     scores.append(float(torch.mean((out - ep.query_y) ** 2)))
                 else:
                     scores.append(100.0 * float((out.argmax(-1) == ep.query_y).float().mean()))
     finally:
         learner.train(was_training)
     mean, ci = mean_ci95(scores)
-    result: dict[str, Any] = {"mse" if regression else "accuracy": mean, "ci95": ci, "episodes": episodes}
+    if image_function:
+        result: dict[str, Any] = {"psnr": mean, "ci95": ci, "mean_mse": sum(mses) / len(mses), "episodes": episodes}
+    else:
+        result = {"mse" if regression else "accuracy": mean, "ci95": ci, "episodes": episodes}
     result.update(
         adapt_ms=median(adapt_ms),
         predict_ms=median(predict_ms),
@@ -76,6 +92,8 @@ def evaluate(
         peak_mem_kind=pm.kind,
         device=str(device),
     )
+    if keep_scores:
+        result["scores"] = scores
     return result
 
 
@@ -83,9 +101,12 @@ def format_result(result: dict[str, Any]) -> str:
     """The one-line summary the CLI prints."""
     if "accuracy" in result:
         head = f"accuracy: {result['accuracy']:.2f} ± {result['ci95']:.2f} %"
+    elif "psnr" in result:
+        head = f"psnr: {result['psnr']:.2f} ± {result['ci95']:.2f} dB"
     else:
         head = f"mse: {result['mse']:.4f} ± {result['ci95']:.4f}"
     return (
-        f"{head}  ({result['episodes']} episodes; adapt {result['adapt_ms']:.2f} ms/episode, "
+        f"{head}  ({result['episodes']} {'images' if 'psnr' in result else 'episodes'}; "
+        f"adapt {result['adapt_ms']:.2f} ms/{'image' if 'psnr' in result else 'episode'}, "
         f"peak memory {result['peak_mem_mb']:.0f} MB)"
     )

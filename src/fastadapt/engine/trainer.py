@@ -202,9 +202,10 @@ def learning_curve_figure(run_dir: str | Path, keys: tuple[str, ...] | None = No
     import matplotlib.pyplot as plt
 
     train = [r for r in rows if "loss" in r]
-    val = [r for r in rows if "val_accuracy" in r or "val_mse" in r]
+    val = [r for r in rows if "val_accuracy" in r or "val_mse" in r or "val_psnr" in r]
     regression = any("mse" in r or "val_mse" in r for r in rows)
-    score = "mse" if regression else "accuracy"
+    image_function = any("psnr" in r for r in rows)  # image functions: PSNR (dB) is the score
+    score = "psnr" if image_function else "mse" if regression else "accuracy"
     cfg = {}
     if (run_dir / "config.yaml").is_file():
         import yaml
@@ -229,16 +230,20 @@ def learning_curve_figure(run_dir: str | Path, keys: tuple[str, ...] | None = No
             ax.plot([r["step"] for r in val], [r.get(f"val_{score}") for r in val], "o-", label=f"val {key}")
         if key == score and results:
             setting = _setting(results.get("ways"), results.get("shots"), regression)
-            if regression:
+            if image_function:
+                label = f"test: psnr {results['psnr']:.2f} ± {results['ci95']:.2f} dB"
+            elif regression:
                 label = f"test {setting}: mse {results['mse']:.4g} ± {results['ci95']:.2g}"
             else:
                 label = f"test {setting}: {results['accuracy']:.1f} ± {results['ci95']:.1f} %"
             ax.axhline(results[score], color="C3", ls="--", lw=1, label=label)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("accuracy (%)" if key == "accuracy" else key)
+        ax.set_ylabel({"accuracy": "accuracy (%)", "psnr": "psnr (dB)"}.get(key, key))
         ax.grid(alpha=0.3)
         ax.legend()
-    if cfg.get("method"):
+    if cfg.get("method") and image_function:
+        fig.suptitle(f"{cfg['method']} · {cfg.get('dataset')} · {cfg.get('image_size')} px")
+    elif cfg.get("method"):
         fig.suptitle(f"{cfg['method']} · {cfg.get('dataset')} · "
                      f"{_setting(cfg.get('ways'), cfg.get('shots'), regression)}")
     fig.tight_layout()
@@ -362,7 +367,7 @@ def meta_train(
                         res = evaluate(learner, val_source, s.val_episodes, seed=s.seed + 1, device=device,
                                        progress=False)
                         learner.train()
-                        key = "accuracy" if "accuracy" in res else "mse"
+                        key = next(k for k in ("accuracy", "psnr", "mse") if k in res)
                         row[f"val_{key}"] = res[key]
                     window = []
                     warning = watch.check(step, last.get("loss"))

@@ -133,6 +133,8 @@ class MAML(MetaLearner):
     task_kind = "classification"
     head_only: bool = False
     learn_lrs: bool = False
+    #: The task kinds this learner fits (subclasses for other families extend it).
+    task_kinds: tuple[str, ...] = ("classification", "regression")
 
     def __init__(
         self,
@@ -184,8 +186,9 @@ class MAML(MetaLearner):
             raise ConfigError("--grad-checkpoint only saves memory for second-order MAML; drop it or --first-order")
         if self.grad_checkpoint and self.batching == "vmap":
             raise ConfigError("--grad-checkpoint cannot run under vmap; use --batching loop (or auto)")
-        if self.task_kind not in ("classification", "regression"):
-            raise ConfigError(f"unknown task kind '{self.task_kind}'")
+        if self.task_kind not in self.task_kinds:
+            raise ConfigError(f"{self.name} does not handle '{self.task_kind}' tasks (it handles "
+                              f"{', '.join(self.task_kinds)}); choose another --dataset or method")
 
     def _check_model(self) -> None:
         """Checks of the model, for subclasses that need more than an ``nn.Module`` (ANIL)."""

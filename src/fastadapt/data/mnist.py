@@ -1,0 +1,91 @@
+"""MNIST (LeCun, Cortes & Burges) from its gzip'd IDX files, as uint8 tensors.
+
+The folder (``--data-dir``, else ``$FASTADAPT_DATA/mnist``) holds ``t10k-images-idx3-ubyte.gz``
+(and ``t10k-labels-idx1-ubyte.gz``) and, when available, ``train-images-idx3-ubyte.gz``. Nothing
+is downloaded: put the official files there.
+
+Splits. With the official training file present, ``train`` is its 60,000 images and ``test`` the
+10,000 of ``t10k``. With only the test file (as in the shared data folder), its 10,000 images are
+split deterministically by index: every fifth image (index 4, 9, 14, ...) is ``test`` (2,000
+images), the others ``train`` (8,000). Interleaving keeps both halves of the official test set
+(the first 5,000 images come from NIST's cleaner SD-3 writers, the last 5,000 from SD-1) in both
+splits. The images of the two splits are distinct files' rows, but a writer may appear in both.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import DataError
+from .cache import env_data_dir
+
+TEST_IMAGES = "t10k-images-idx3-ubyte.gz"
+TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
+#: In the test-file-only split, images whose index is ``TEST_RESIDUE`` modulo ``TEST_EVERY`` are the test split.
+TEST_EVERY, TEST_RESIDUE = 5, 4
+
+
+def read_idx_images(path: str | os.PathLike) -> Tensor:
+    """The images of a (gzip'd or plain) IDX3 file as ``uint8 [N, 1, rows, cols]``."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            header = f.read(16)
+            if len(header) < 16:
+                raise DataError(f"{path} is too short to be an IDX image file; replace it")
+            magic, n, rows, cols = struct.unpack(">IIII", header)
+            if magic != 0x00000803:
+                raise DataError(f"{path} is not an IDX image file (magic {magic:#010x}, expected 0x00000803)")
+            data = f.read(n * rows * cols)
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"{path} cannot be read ({exc}); replace the file") from exc
+    if len(data) != n * rows * cols:
+        raise DataError(f"{path} is truncated: {len(data)} bytes of pixels for {n} images of {rows}x{cols}; "
+                        "replace the file")
+    array = np.frombuffer(data, dtype=np.uint8).reshape(n, 1, rows, cols)
+    return torch.from_numpy(array.copy())
+
+
+def mnist_folder(data_dir: str | os.PathLike | None) -> Path:
+    if data_dir is None:
+        found = env_data_dir("mnist")
+        if found is None:
+            raise DataError(f"MNIST needs --data-dir DIR holding {TEST_IMAGES} (or set $FASTADAPT_DATA to a folder "
+                            "with mnist/ in it); it is not downloaded")
+        return found
+    folder = Path(data_dir)
+    if not (folder / TEST_IMAGES).is_file():
+        raise DataError(f"no {TEST_IMAGES} in {folder}; pass --data-dir with the MNIST IDX files")
+    return folder
+
+
+def split_indices(n: int) -> dict[str, Tensor]:
+    """The test-file-only split of ``n`` images: ``{"train": [...], "test": [...]}`` indices."""
+    index = torch.arange(n)
+    test = index % TEST_EVERY == TEST_RESIDUE
+    return {"train": index[~test], "test": index[test]}
+
+
+@lru_cache(maxsize=2)
+def mnist_splits(data_dir: str | None = None) -> dict[str, tuple[Tensor, Tensor, str]]:
+    """``{split: (images uint8 [N, 1, 28, 28], ids [N], id_space)}`` for ``train`` and ``test``.
+
+    ``ids`` index the rows of the file named by ``id_space``, so that two splits drawn from the same
+    file can be checked to be disjoint."""
+    folder = mnist_folder(data_dir)
+    test = read_idx_images(folder / TEST_IMAGES)
+    if (folder / TRAIN_IMAGES).is_file():
+        train = read_idx_images(folder / TRAIN_IMAGES)
+        return {"train": (train, torch.arange(len(train)), TRAIN_IMAGES),
+                "test": (test, torch.arange(len(test)), TEST_IMAGES)}
+    idx = split_indices(len(test))
+    return {split: (test[i], i, TEST_IMAGES) for split, i in idx.items()}
