@@ -16,15 +16,10 @@ from ..registry import DATASETS
 from ..tasks.sampler import ClassPool, EpisodeSampler
 from .glyphs import SPLITS as _GLYPH_SPLITS
 from .glyphs import glyph_pools
-<<<<<<< HEAD
 from .imagefolder import imagefolder_pools, imagefolder_classes
 from .omniglot import ROTATIONS as _OMNIGLOT_ROTATIONS
 from .omniglot import omniglot_pools, split_characters
-=======
-from .imagefolder import imagefolder_pools
-from .omniglot import omniglot_pools
 from . import image_functions as _image_functions  # noqa: F401,E402  (registers the *-images datasets)
->>>>>>> trans-inr
 
 
 def _pick_split(pools: dict[str, ClassPool], split: str, cfg: dict[str, Any], dataset: str) -> tuple[ClassPool, str]:

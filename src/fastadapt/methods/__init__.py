@@ -5,15 +5,10 @@ from .protonet import ProtoNet
 from .maml import ANIL, FOMAML, MAML, MetaSGD, Pretrained
 from .reptile import Reptile
 from .imaml import IMAML
-<<<<<<< HEAD
 from .ncm import NCM
 from .qiao import Qiao
-
-__all__ = ["MetaLearner", "ProtoNet", "MAML", "FOMAML", "ANIL", "MetaSGD", "Pretrained", "Reptile", "IMAML", "NCM", "Qiao"]
-=======
 from .learned_init import LearnedInit, RandomInit
 from .trans_inr import TransINR
 
-__all__ = ["MetaLearner", "ProtoNet", "MAML", "FOMAML", "ANIL", "MetaSGD", "Pretrained", "Reptile", "IMAML",
-           "TransINR", "LearnedInit", "RandomInit"]
->>>>>>> trans-inr
+__all__ = ["MetaLearner", "ProtoNet", "MAML", "FOMAML", "ANIL", "MetaSGD", "Pretrained", "Reptile", "IMAML", "NCM", "Qiao",
+           "LearnedInit", "RandomInit", "TransINR"]
