@@ -28,7 +28,7 @@ from _common import require_clean_tree, save, save_figure
 
 import fastadapt as fa
 from fastadapt.config import resolve
-from fastadapt.engine.reconstruct import reconstruct
+from fastadapt.engine.reconstruct import reconstruct, show_image
 from fastadapt.engine.stats import mean_ci95
 from fastadapt.engine.threads import cost_context, set_threads
 from fastadapt.models.inr import build_inr
@@ -116,12 +116,8 @@ def figure(grids: dict[str, dict[str, torch.Tensor]], rows: dict[str, dict]) -> 
     for dataset, grid in grids.items():
         for i in range(len(grid["ground truth"])):
             for j, col in enumerate(columns):
-                img = grid[col][i].clamp(0, 1)
                 ax = axes[r][j]
-                if img.shape[0] == 1:
-                    ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-                else:
-                    ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
+                show_image(ax, grid[col][i])
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if i == 0:  # each dataset's block is headed by the method and its mean test PSNR

@@ -18,6 +18,15 @@ from ..methods.base import MetaLearner
 from ..tasks.image_function import scatter_to_image
 
 
+def show_image(ax: Any, img: Tensor) -> None:
+    """Draw one image ``[C, H, W]`` in [0, 1] (gray for one channel) on a matplotlib axis."""
+    img = img.detach().float().clamp(0, 1)
+    if img.shape[0] == 1:
+        ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
+
+
 def reconstruct(learner: MetaLearner, source: Any, count: int = 8, seed: int = 0,
                 device: torch.device | str = "cpu") -> dict[str, Tensor]:
     """``{"ground truth", "observed", "reconstruction"}`` images ``[count, C, H, W]`` of the first
@@ -58,12 +67,8 @@ def save_grid(columns: Mapping[str, Tensor], path: str | Path, title: str | None
     fig, axes = plt.subplots(n, len(names), figsize=(max(cell_inches * len(names), 2.5), height), squeeze=False)
     for j, name in enumerate(names):
         for i in range(n):
-            img = columns[name][i].detach().float().clamp(0, 1)
             ax = axes[i][j]
-            if img.shape[0] == 1:
-                ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            else:
-                ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
+            show_image(ax, columns[name][i])
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
