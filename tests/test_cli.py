@@ -119,3 +119,12 @@ def test_ctrl_c_during_eval_does_not_claim_a_checkpoint(tmp_path, capsys, monkey
     assert main(["eval", str(run), "--no-progress"]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "checkpoint" not in err and "saved" not in err
+
+
+def test_resuming_with_an_unreadable_config_is_a_clear_error(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "protonet", *FAST, "--out", str(run)]) == 0
+    (run / "config.yaml").write_text("method: [unclosed\n")  # the saved run can no longer be compared
+    assert main(["train", "protonet", *fast(6), "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "not valid YAML" in err and "\n" not in err.strip()

@@ -22,7 +22,7 @@ from .data import build_task_source
 from .engine.allocator import tune_malloc
 from .engine.evaluate import evaluate, format_result
 from .engine.threads import cost_context, set_threads
-from .engine.runs import open_run
+from .engine.runs import open_run, read_run_config
 from .engine.trainer import CHECKPOINT, CURVE, METRICS, RunInterrupted, TrainSettings, meta_train, plot_learning_curve
 from .errors import ConfigError, FastAdaptError, UnknownNameError
 from .io import atomic_write_text, previous_checkpoint
@@ -232,7 +232,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     run_dir = Path(args.out) if args.out else default_run_dir(cfg)
     resuming = (run_dir / CHECKPOINT).is_file() or previous_checkpoint(run_dir / CHECKPOINT).is_file()
-    saved = _saved_config(run_dir) if resuming else None
+    # A run being resumed must have a readable configuration to compare with (a clear error if not).
+    saved = read_run_config(run_dir) if resuming else None
     if saved is not None:
         adopt_run_decisions(saved, cfg)
     settings = TrainSettings(**{k: cfg[k] for k in ("steps", "meta_batch", "lr", "lr_decay_every", "lr_decay",
