@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..models.inr import INR_OPTIONS, build_inr
+from ..models.inr import INR_OPTIONS, INR_OPTION_HELP, build_inr
 from ..registry import METHODS
 from ..tasks.episode import Episode
 from ..tasks.image_function import KIND, psnr
@@ -67,6 +67,7 @@ class LearnedInit(MAML):
     """
 
     name = "learned-init"
+    option_help = {**MAML.option_help, **INR_OPTION_HELP}
     options = {
         "dataset": "builtin-images",  # without --dataset: the built-in glyphs as images
         **INR_OPTIONS,

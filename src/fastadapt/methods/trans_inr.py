@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..models.inr import INR_OPTIONS, fourier_frequencies, init_linear, inr_apply, inr_param_shapes
+from ..models.inr import INR_OPTIONS, INR_OPTION_HELP, fourier_frequencies, init_linear, inr_apply, inr_param_shapes
 from ..models.transformer import PatchTokenizer, TransformerEncoder
 from ..registry import METHODS
 from ..tasks.episode import Episode
@@ -129,6 +129,18 @@ class TransINR(MetaLearner):
         "meta_batch": 8,
         "lr": 3e-3,
         "lr_decay_every": 0,
+    }
+    option_help = {
+        **INR_OPTION_HELP,
+        "patch_size": "side of the image patches read as tokens",
+        "trans_dim": "width of the Transformer",
+        "trans_depth": "Transformer layers",
+        "heads": "attention heads",
+        "head_dim": "width of each attention head",
+        "ff_dim": "hidden width of the Transformer's feed-forward blocks",
+        "n_groups": "column groups per predicted weight matrix (one weight token each)",
+        "tto_steps": "Adam steps on the predicted weights at test time (the paper's refinement)",
+        "tto_lr": "learning rate of those steps",
     }
     task_kind = KIND
 

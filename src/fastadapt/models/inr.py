@@ -139,6 +139,16 @@ INR_OPTIONS: dict[str, object] = {
     "out_bias": 0.5,
 }
 
+#: One line of help per INR option, for the methods that fit or predict this network.
+INR_OPTION_HELP: dict[str, str] = {
+    "inr_depth": "layers of the coordinate MLP",
+    "inr_width": "hidden width of the coordinate MLP",
+    "pe_dim": "Fourier features of the positional encoding",
+    "pe_sigma": "scale of the positional encoding's frequencies",
+    "out_bias": "constant added to the network's output (pixel values in [0, 1])",
+    "support_fraction": "fraction of pixels observed in the support set (1: all)",
+}
+
 
 def build_inr(opts: Mapping[str, object], in_shape: tuple[int, ...]) -> INR:
     """The INR of ``opts`` (keys of :data:`INR_OPTIONS`) for images of shape ``in_shape = (C, H, W)``."""
