@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastadapt.data import build_task_source
-from fastadapt.engine.stats import median
+from fastadapt.measure.stats import median
 from fastadapt.methods.protonet import ProtoNet
 from fastadapt.models import Conv4
 

@@ -17,7 +17,7 @@ import torch
 from _common import save
 
 from fastadapt.data import build_task_source
-from fastadapt.engine.stats import median
+from fastadapt.measure.stats import median
 
 
 def main() -> None:

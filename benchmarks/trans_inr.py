@@ -29,8 +29,8 @@ from _common import require_clean_tree, save, save_figure
 import fastadapt as fa
 from fastadapt.config import resolve
 from fastadapt.engine.reconstruct import reconstruct, show_image
-from fastadapt.engine.stats import mean_ci95
-from fastadapt.engine.threads import cost_context, set_threads
+from fastadapt.measure.stats import mean_ci95
+from fastadapt.measure.threads import cost_context, set_threads
 from fastadapt.models.inr import build_inr
 from fastadapt.progress import progress_bar
 from fastadapt.registry import METHODS

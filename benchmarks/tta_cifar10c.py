@@ -36,8 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import commit, machine  # noqa: E402
 
-from fastadapt.engine.threads import cost_context, load_average
-from fastadapt.engine.tta_eval import CI_KIND, evaluate_run, format_tta_result, paired_difference
+from fastadapt.measure.threads import cost_context, load_average
+from fastadapt.tta.evaluate import CI_KIND, evaluate_run, format_tta_result, paired_difference
 from fastadapt.io import atomic_write_text
 from fastadapt.errors import DataError
 from fastadapt.tta.corruptions import CORRUPTIONS, frost_photographs

@@ -115,7 +115,7 @@ def test_ctrl_c_during_eval_does_not_claim_a_checkpoint(tmp_path, capsys, monkey
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("fastadapt.cli.evaluate", interrupted)
+    monkeypatch.setattr("fastadapt.cli.train.evaluate", interrupted)
     assert main(["eval", str(run), "--no-progress"]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "checkpoint" not in err and "saved" not in err

@@ -76,10 +76,10 @@ def test_killed_run_resumes_exactly(tmp_path, capsys, monkeypatch, method):
                 os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kw, on_log=on_log)
 
-    monkeypatch.setattr("fastadapt.cli.meta_train", interrupting)
+    monkeypatch.setattr("fastadapt.cli.train.meta_train", interrupting)
     assert run(method, tmp_path / "b", 5) == 130
     assert "saved at iteration 3" in capsys.readouterr().err
-    monkeypatch.setattr("fastadapt.cli.meta_train", real)
+    monkeypatch.setattr("fastadapt.cli.train.meta_train", real)
     assert run(method, tmp_path / "b", 5) == 0
     assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
 

@@ -259,9 +259,9 @@ def test_two_stages_in_one_run_resume_exactly_across_the_switch(tmp_path, capsys
                 os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kw, on_log=on_log)
 
-    monkeypatch.setattr("fastadapt.cli.meta_train", interrupting)
+    monkeypatch.setattr("fastadapt.cli.train.meta_train", interrupting)
     assert run(tmp_path / "b", 6) == 130
-    monkeypatch.setattr("fastadapt.cli.meta_train", real)
+    monkeypatch.setattr("fastadapt.cli.train.meta_train", real)
     assert load_checkpoint(tmp_path / "b" / CHECKPOINT)["step"] == 2
     assert run(tmp_path / "b", 6) == 0
     assert run(tmp_path / "c", 4) == 0 and run(tmp_path / "c", 6) == 0

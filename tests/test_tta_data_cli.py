@@ -318,7 +318,7 @@ def test_eval_frost_by_name_without_photographs_fails_before_any_work(tmp_path, 
 
 
 def _fail_on_second_corruption(monkeypatch, exc: BaseException) -> None:
-    from fastadapt.engine import tta_eval
+    from fastadapt.tta import evaluate as tta_eval
 
     real, calls = tta_eval.corrupt_dataset, []
 
@@ -367,8 +367,8 @@ def _benchmark():
 
 
 def test_benchmark_records_load_and_threads_and_tests_differences_to_the_source(tiny_run, tmp_path, capsys):
-    from fastadapt.engine.stats import mean_ci95
-    from fastadapt.engine.tta_eval import unpack_wrong
+    from fastadapt.measure.stats import mean_ci95
+    from fastadapt.tta.evaluate import unpack_wrong
 
     bench, threads = _benchmark(), torch.get_num_threads()
     out = tmp_path / "bench.json"

@@ -13,8 +13,8 @@ from fastadapt.errors import ConfigError, FastAdaptError
 from fastadapt.models.resnet_cifar import ResNetCifar
 from fastadapt.tta import BNAdapt, TTT, Tent, collect_params, configure_model, setup_tent, softmax_entropy
 from fastadapt.tta.augment import random_crop_flip, rotate_batch
-from fastadapt.engine.stats import mean_ci95
-from fastadapt.engine.tta_eval import build_adapter, run_stream, stream_order
+from fastadapt.measure.stats import mean_ci95
+from fastadapt.tta.evaluate import build_adapter, run_stream, stream_order
 
 
 def small_bn_net(seed: int = 0) -> nn.Module:
@@ -392,7 +392,7 @@ def test_batch_ci_is_wider_when_errors_are_correlated_within_batches():
 
 
 def test_batch_ci_weights_a_short_last_batch_and_needs_two_batches():
-    from fastadapt.engine.stats import batch_mean_ci95
+    from fastadapt.measure.stats import batch_mean_ci95
 
     values = [100.0] * 10 + [0.0] * 10 + [100.0] * 5  # batches of 10, 10, 5
     mean, half = batch_mean_ci95(values, 10)
@@ -410,9 +410,9 @@ def test_batch_ci_weights_a_short_last_batch_and_needs_two_batches():
 @pytest.mark.parametrize("method,kind", [("source", "per-image"), ("ttt", "per-image"), ("bn", "batch means"),
                                          ("tent", "batch means"), ("ttt-online", "batch means")])
 def test_each_method_records_its_ci_method(method, kind, monkeypatch):
-    from fastadapt.engine import tta_eval
-    from fastadapt.engine.stats import batch_mean_ci95
-    from fastadapt.engine.tta_eval import evaluate_run, unpack_wrong
+    from fastadapt.tta import evaluate as tta_eval
+    from fastadapt.measure.stats import batch_mean_ci95
+    from fastadapt.tta.evaluate import evaluate_run, unpack_wrong
 
     model = ResNetCifar(depth=8, rotation_head=True).eval()
     images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8)
@@ -430,7 +430,7 @@ def test_each_method_records_its_ci_method(method, kind, monkeypatch):
 def test_paired_difference_to_the_source_per_image_per_batch_and_over_corruptions():
     from scipy.stats import t
 
-    from fastadapt.engine.tta_eval import pack_wrong, paired_difference
+    from fastadapt.tta.evaluate import pack_wrong, paired_difference
 
     def cell(wrong, batch=4):
         return {"images": len(wrong), "batch_size": batch, "wrong_bits": pack_wrong(wrong)}

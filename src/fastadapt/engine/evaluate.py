@@ -12,8 +12,8 @@ from ..methods.base import MetaLearner
 from ..progress import progress_bar
 from ..tasks.image_function import KIND as IMAGE_FUNCTION
 from ..tasks.image_function import psnr
-from .memory import PeakMemory
-from .stats import mean_ci95, median
+from ..measure.memory import PeakMemory
+from ..measure.stats import mean_ci95, median
 
 
 def _sync(device: torch.device) -> None:

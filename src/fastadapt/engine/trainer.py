@@ -28,7 +28,7 @@ from ..io import atomic_write_text, load_checkpoint_with_fallback, previous_chec
 from ..methods.base import MetaLearner
 from ..progress import progress_bar
 from .evaluate import evaluate
-from .memory import PeakMemory
+from ..measure.memory import PeakMemory
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"

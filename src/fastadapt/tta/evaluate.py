@@ -9,7 +9,7 @@ every image) each image is an independent trial and the per-image normal interva
 (``1.96 sd / sqrt(n)``) is right; ``bn``, ``tent`` and ``ttt-online`` predict an image with
 statistics or weights that depend on the other images of its batch (and, online, on the stream so
 far), so the interval comes from the errors of the batches, as independent-ish blocks
-(:func:`fastadapt.engine.stats.batch_mean_ci95`, ``t(0.975, B - 1) sd / sqrt(B)`` over ``B``
+(:func:`fastadapt.measure.stats.batch_mean_ci95`, ``t(0.975, B - 1) sd / sqrt(B)`` over ``B``
 batches). Each result records the method used (``ci_method``) and the per-image outcomes
 (``wrong_bits``) for paired comparisons. Cost is wall time per batch and per image (adaptation
 and prediction together, as they are one pass for TENT and inseparable for TTT) and the peak
@@ -29,15 +29,15 @@ from torch import Tensor, nn
 from ..data.cifar10 import load_cifar10
 from ..errors import ConfigError
 from ..progress import progress_bar
-from ..tta.corruptions import corrupt_dataset, frost_photographs
-from ..tta.train_source import load_source_model
-from ..tta.augment import to_float
-from ..tta.bn import BNAdapt
-from ..tta.tent import setup_tent
-from ..tta.ttt import TTT
-from .memory import PeakMemory
-from .stats import batch_mean_ci95, mean_ci95, median
-from .threads import cost_context, load_average
+from .corruptions import corrupt_dataset, frost_photographs
+from .train_source import load_source_model
+from .augment import to_float
+from .bn import BNAdapt
+from .tent import setup_tent
+from .ttt import TTT
+from ..measure.memory import PeakMemory
+from ..measure.stats import batch_mean_ci95, mean_ci95, median
+from ..measure.threads import cost_context, load_average
 
 TTA_METHODS = ("source", "bn", "tent", "ttt", "ttt-online")
 CLEAN = "clean"

@@ -1,7 +1,8 @@
 """The ``fastadapt tta`` commands: ``train-source`` and ``eval``.
 
 :func:`add_tta_parser` adds the ``tta`` sub-command to the main parser's sub-parsers and sets
-``handler`` to :func:`run_tta`; ``python -m fastadapt.tta.cli`` runs the same commands alone.
+``handler`` to :func:`run_tta`. The work itself lives in :mod:`fastadapt.tta`
+(:mod:`~fastadapt.tta.train_source`, :mod:`~fastadapt.tta.evaluate`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ from typing import Any
 
 import torch
 
-from ..engine.tta_eval import CLEAN, TTA_METHODS
 from ..errors import ConfigError, DataError, FastAdaptError
 from ..io import atomic_write_text
-from .corruptions import CORRUPTIONS, frost_photographs
-
+from ..tta.corruptions import CORRUPTIONS, frost_photographs
+from ..tta.evaluate import CLEAN, TTA_METHODS
 
 
 def _severity(text: str) -> int:
@@ -106,7 +106,7 @@ def run_tta(args: argparse.Namespace) -> int:
 
 def _saved_message(out: Path) -> str:
     """What a stopped train-source run left on disk, for the one line printed on Ctrl-C."""
-    from .train_source import saved_progress
+    from ..tta.train_source import saved_progress
 
     try:
         p = saved_progress(out)
@@ -124,9 +124,9 @@ def _saved_message(out: Path) -> str:
 
 def _train_source(args: argparse.Namespace) -> int:
     from ..data.cifar10 import load_cifar10
-    from ..engine.threads import cost_context
+    from ..measure.threads import cost_context
     from ..engine.trainer import _StopRequest, plot_learning_curve  # Ctrl-C/SIGTERM -> stop between iterations
-    from .train_source import CURVE_FILE, LOG_FILE, RESULTS_FILE, train_source
+    from ..tta.train_source import CURVE_FILE, LOG_FILE, RESULTS_FILE, train_source
 
     if args.dataset != "cifar10":
         raise ConfigError(f"tta train-source supports --dataset cifar10 only, got '{args.dataset}'")
@@ -182,8 +182,8 @@ def _corruption_names(args: argparse.Namespace) -> tuple[list[str], dict[str, st
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ..engine.threads import cost_context
-    from ..engine.tta_eval import evaluate_run, format_tta_result
+    from ..measure.threads import cost_context
+    from ..tta.evaluate import evaluate_run, format_tta_result
 
     names, skipped = _corruption_names(args)
     options = {"lr": args.lr, "steps": args.steps, "episodic": args.episodic, "copies": args.copies,

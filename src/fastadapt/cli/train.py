@@ -1,34 +1,30 @@
-"""The ``fastadapt`` command line: the only place that reads configuration files and flags."""
+"""``fastadapt train``, ``eval`` and ``list``: meta-training a registered method and evaluating it."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import yaml
 
-from . import __version__
-from . import data as _data  # noqa: F401  (registers datasets)
-from . import methods as _methods  # noqa: F401  (registers methods)
-from . import models as _models  # noqa: F401  (registers backbones)
-from .config import (DEFAULTS, adopt_run_decisions, check_same_run, default_run_dir, load_yaml,
+from .. import data as _data  # noqa: F401  (registers datasets)
+from .. import methods as _methods  # noqa: F401  (registers methods)
+from .. import models as _models  # noqa: F401  (registers backbones)
+from ..config import (DEFAULTS, adopt_run_decisions, check_same_run, default_run_dir, load_yaml,
                      method_options, resolve, save_yaml, validate)
-from .data import build_task_source
-from .engine.allocator import tune_malloc
-from .engine.evaluate import evaluate, format_result
-from .engine.threads import cost_context, set_threads
-from .engine.runs import open_run, read_run_config
-from .engine.trainer import CHECKPOINT, CURVE, METRICS, RunInterrupted, TrainSettings, meta_train, plot_learning_curve
-from .errors import ConfigError, FastAdaptError, UnknownNameError
-from .io import atomic_write_text, previous_checkpoint
-from .registry import BACKBONES, DATASETS, METHODS
-from .tasks.image_function import KIND as IMAGE_FUNCTION
-from .tta.cli import add_tta_parser
+from ..data import build_task_source
+from ..engine.evaluate import evaluate, format_result
+from ..measure.threads import cost_context
+from ..engine.runs import open_run, read_run_config
+from ..engine.trainer import CHECKPOINT, CURVE, METRICS, TrainSettings, meta_train, plot_learning_curve
+from ..errors import ConfigError, FastAdaptError
+from ..io import atomic_write_text, previous_checkpoint
+from ..registry import BACKBONES, DATASETS, METHODS
+from ..tasks.image_function import KIND as IMAGE_FUNCTION
 
 TRAIN_KEYS = ("dataset", "data_dir", "download", "image_size", "train_split", "ways", "shots", "queries", "steps",
               "meta_batch", "lr", "lr_decay_every", "lr_decay", "weight_decay", "seed", "device",
@@ -131,14 +127,8 @@ def _add_option(group: Any, key: str, default: Any, default_text: str) -> None:
                            help=default_text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fastadapt",
-        description="Efficient meta-learning and test-time adaptation on PyTorch.",
-    )
-    parser.add_argument("--version", action="version", version=f"fastadapt {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def add_train_parsers(sub: Any) -> None:
+    """Register ``train``, ``eval`` and ``list`` on the main parser's sub-parsers."""
     t = sub.add_parser("train", help="meta-train a method, then evaluate it on the test split",
                        description="Meta-train METHOD on episodes of --dataset, checkpointing into --out "
                                    "(re-running the same command resumes an interrupted run), then evaluate "
@@ -175,20 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="list the registered methods, datasets and backbones")
     ls.set_defaults(handler=cmd_list)
-
-    tta = add_tta_parser(sub)
-    for leaf in _subcommands(tta):
-        if not any("--threads" in a.option_strings for a in leaf._actions):
-            leaf.add_argument("--threads", type=int, help="CPU threads (default 0: $OMP_NUM_THREADS if set, else one per core)")
-    return parser
-
-
-def _subcommands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
-    out = []
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            out.extend(action.choices.values())
-    return out
 
 
 def _method_flags(args: argparse.Namespace, keys: Any) -> dict[str, Any]:
@@ -314,7 +290,7 @@ def _image_setting(res: dict[str, Any], source: Any, cfg: dict[str, Any]) -> Non
 
 def _reconstruction_grid(learner: Any, source: Any, path: Path, cfg: dict[str, Any], seed: int) -> Path:
     """Ground truth | observed pixels | reconstruction of the first 8 images an evaluation draws."""
-    from .engine.reconstruct import reconstruct, save_grid
+    from ..engine.reconstruct import reconstruct, save_grid
 
     out = reconstruct(learner, source, count=8, seed=seed, device=cfg["device"])
     columns = {"ground truth": out["ground truth"], "observed": out["observed"], cfg["method"]: out["reconstruction"]}
@@ -364,31 +340,3 @@ def cmd_list(args: argparse.Namespace) -> int:
     for title, reg in (("methods", METHODS), ("datasets", DATASETS), ("backbones", BACKBONES)):
         print(f"{title}: {', '.join(reg.names())}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) >= 2 and argv[0] == "train" and not argv[1].startswith("-") and argv[1] not in METHODS:
-        print(f"error: {UnknownNameError(f'unknown method {argv[1]!r}; known methods: ' + ', '.join(METHODS.names()))}",
-              file=sys.stderr)
-        return 2
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # Reuse freed tensor memory instead of unmapping it every iteration (see engine/allocator.py;
-    # a no-op off glibc or when MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are set).
-    tune_malloc()
-    try:
-        if hasattr(args, "threads"):
-            set_threads(args.threads)
-        return args.handler(args)
-    except FastAdaptError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:
-        # The trainer says at which step the run was saved (RunInterrupted); other commands save nothing.
-        print(f"\n{exc if isinstance(exc, RunInterrupted) else 'interrupted'}", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
