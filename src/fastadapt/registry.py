@@ -49,3 +49,5 @@ class Registry(Generic[T]):
 METHODS: Registry = Registry("method")
 DATASETS: Registry = Registry("dataset")
 BACKBONES: Registry = Registry("backbone")
+OPTIMIZEES: Registry = Registry("optimizee")
+LEARNED_RULES: Registry = Registry("learned optimizer")

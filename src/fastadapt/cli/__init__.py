@@ -18,6 +18,7 @@ from ..engine.trainer import RunInterrupted
 from ..errors import FastAdaptError, UnknownNameError
 from ..measure.threads import set_threads
 from ..registry import METHODS
+from .lopt import add_lopt_parser
 from .train import add_train_parsers
 from .tta import add_tta_parser
 
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fastadapt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_train_parsers(sub)
-    for group in (add_tta_parser(sub),):
+    for group in (add_tta_parser(sub), add_lopt_parser(sub)):
         for leaf in _subcommands(group):  # every command takes --threads
             if not any("--threads" in a.option_strings for a in leaf._actions):
                 leaf.add_argument("--threads", type=int, help=THREADS_HELP)

@@ -89,3 +89,47 @@ def mnist_splits(data_dir: str | None = None) -> dict[str, tuple[Tensor, Tensor,
                 "test": (test, torch.arange(len(test)), TEST_IMAGES)}
     idx = split_indices(len(test))
     return {split: (test[i], i, TEST_IMAGES) for split, i in idx.items()}
+
+
+TEST_LABELS = "t10k-labels-idx1-ubyte.gz"
+TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
+
+
+def read_idx_labels(path: str | os.PathLike) -> Tensor:
+    """The labels of a (gzip'd or plain) IDX1 file as ``int64 [N]``."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            header = f.read(8)
+            if len(header) < 8:
+                raise DataError(f"{path} is too short to be an IDX label file; replace it")
+            magic, n = struct.unpack(">II", header)
+            if magic != 0x00000801:
+                raise DataError(f"{path} is not an IDX label file (magic {magic:#010x}, expected 0x00000801)")
+            data = f.read(n)
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"{path} cannot be read ({exc}); replace the file") from exc
+    if len(data) != n:
+        raise DataError(f"{path} is truncated: {len(data)} labels of {n}; replace the file")
+    labels = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).astype(np.int64))
+    if int(labels.max()) > 9:
+        raise DataError(f"{path} has labels above 9; it is not an MNIST label file")
+    return labels
+
+
+@lru_cache(maxsize=2)
+def mnist_labelled(data_dir: str | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{split: (images uint8 [N, 1, 28, 28], labels int64 [N])}``: the splits of
+    :func:`mnist_splits` with their digit labels (for training classifiers, e.g. optimizees)."""
+    folder = mnist_folder(data_dir)
+    out = {}
+    for split, (images, ids, id_space) in mnist_splits(data_dir).items():
+        label_file = TRAIN_LABELS if id_space == TRAIN_IMAGES else TEST_LABELS
+        if not (folder / label_file).is_file():
+            raise DataError(f"no {label_file} in {folder}: MNIST classification needs the label files too")
+        labels = read_idx_labels(folder / label_file)
+        if len(labels) <= int(ids.max()):
+            raise DataError(f"{folder / label_file} has {len(labels)} labels, fewer than its images")
+        out[split] = (images, labels[ids])
+    return out

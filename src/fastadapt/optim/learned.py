@@ -1,0 +1,99 @@
+"""A trained update rule as a ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from .base import Layout, LearnedRule, load_rule
+
+
+class LearnedOptimizer(torch.optim.Optimizer):
+    """Train any PyTorch model with a learned rule (``lstm``, ``velo``, ...)::
+
+        opt = LearnedOptimizer(model.parameters(), "runs/lopt-lstm-mnist-mlp")   # or .../lopt.pt
+        for x, y in loader:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)   # optional, as with any optimizer
+            opt.step()
+
+    The rule updates all parameters of a group in one batched computation: their gradients and
+    values are concatenated into one vector, the rule maps it to an update, and the update is
+    split back (no Python loop over tensors). Its memory (e.g. the LSTM's hidden states) lives in
+    the optimizer state of the group's first parameter, so ``state_dict`` / ``load_state_dict``
+    save and restore it. ``lr`` multiplies the rule's update (default 1: the rule as trained), so
+    ``torch.optim.lr_scheduler`` schedules work as a scale. ``horizon`` is the number of steps the
+    training will take, the progress feature of rules that read it (VeLO-style); it defaults to the
+    meta-training horizon saved with the rule. Parameters without a gradient at a step are left
+    unchanged, as by the built-in optimizers.
+    """
+
+    def __init__(self, params: Iterable[Any], rule: LearnedRule | str | os.PathLike, lr: float = 1.0,
+                 horizon: int | None = None) -> None:
+        if not isinstance(rule, LearnedRule):
+            rule = load_rule(rule)
+        if lr < 0:
+            raise ConfigError(f"lr must be >= 0, got {lr}")
+        saved_horizon = getattr(rule, "meta", {}).get("horizon") if hasattr(rule, "meta") else None
+        horizon = horizon or saved_horizon or 100
+        if horizon < 1:
+            raise ConfigError(f"horizon must be >= 1, got {horizon}")
+        super().__init__(params, {"lr": lr, "horizon": horizon})
+        self.rule = rule.eval()
+        for p in self.rule.parameters():
+            p.requires_grad_(False)
+
+    def _group_state(self, group: dict[str, Any], flat: Tensor, layout: Layout) -> dict[str, Any]:
+        state = self.state[group["params"][0]]
+        if "rule_state" not in state:
+            state["step"] = 0
+            state["numel"] = layout.numel
+            state["rule_state"] = self.rule.init_state(flat, layout)
+        elif state["numel"] != layout.numel:
+            raise ConfigError(f"the optimizer state covers {state['numel']} coordinates but the group now has "
+                              f"{layout.numel}: load a state_dict saved for the same parameters")
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params: list[Tensor] = group["params"]
+            if not params:
+                continue
+            self.rule.to(params[0].device)
+            layout = Layout.of(params)
+            flat = layout.flatten(params)
+            has_grad = [p.grad is not None for p in params]
+            grad = layout.flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+            state = self._group_state(group, flat, layout)
+            progress = min(state["step"] / group["horizon"], 1.0)
+            update, new = self.rule(grad.to(flat.dtype), flat, state["rule_state"], layout, progress)
+            state["step"] += 1
+            if all(has_grad):
+                state["rule_state"] = new
+                torch._foreach_add_(params, layout.split(update), alpha=group["lr"])
+            else:  # coordinates of gradient-less tensors keep their state and values
+                mask = layout.flatten([torch.full_like(p, float(h)) for p, h in zip(params, has_grad)]).bool()
+                state["rule_state"] = {k: torch.where(_rows(mask, v), v_new, v)
+                                       for (k, v), v_new in zip(state["rule_state"].items(), new.values())}
+                for p, u, h in zip(params, layout.split(update), has_grad):
+                    if h:
+                        p.add_(u, alpha=group["lr"])
+        return loss
+
+
+def _rows(mask: Tensor, like: Tensor) -> Tensor:
+    """``mask [numel]`` broadcast to a state tensor whose coordinate axis is the one of size numel."""
+    axis = next(i for i, n in enumerate(like.shape) if n == mask.numel())
+    shape = [1] * like.dim()
+    shape[axis] = mask.numel()
+    return mask.view(shape)
