@@ -5,7 +5,7 @@ The names below are the short way in; everything is also importable from its own
 
 __version__ = "0.1.0"
 
-from . import data, methods, models  # noqa: E402,F401  (importing registers datasets, methods, backbones)
+from . import data, methods, models, optim  # noqa: E402,F401  (importing registers datasets, methods, backbones, optimizers)
 from .data import build_task_source  # noqa: E402
 from .engine.evaluate import evaluate, format_result  # noqa: E402
 from .engine.runs import load_run  # noqa: E402

@@ -23,7 +23,8 @@ from ..engine.runs import open_run, read_run_config
 from ..engine.trainer import CHECKPOINT, CURVE, METRICS, TrainSettings, meta_train, plot_learning_curve
 from ..errors import ConfigError, FastAdaptError
 from ..io import atomic_write_text, previous_checkpoint
-from ..registry import BACKBONES, DATASETS, METHODS
+from .. import optim as _optim  # noqa: F401  (registers the learned optimizers)
+from ..registry import BACKBONES, DATASETS, LEARNED_RULES, METHODS, OPTIMIZEES
 from ..tasks.image_function import KIND as IMAGE_FUNCTION
 
 TRAIN_KEYS = ("dataset", "data_dir", "download", "image_size", "train_split", "ways", "shots", "queries", "steps",
@@ -163,7 +164,7 @@ def add_train_parsers(sub: Any) -> None:
             _add_option(g, key, default, run_value)
     e.set_defaults(handler=cmd_eval)
 
-    ls = sub.add_parser("list", help="list the registered methods, datasets and backbones")
+    ls = sub.add_parser("list", help="list the registered methods, datasets, backbones, learned optimizers and optimizees")
     ls.set_defaults(handler=cmd_list)
 
 
@@ -337,6 +338,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    for title, reg in (("methods", METHODS), ("datasets", DATASETS), ("backbones", BACKBONES)):
+    for title, reg in (("methods", METHODS), ("datasets", DATASETS), ("backbones", BACKBONES),
+                       ("learned optimizers (fastadapt lopt)", LEARNED_RULES), ("optimizees", OPTIMIZEES)):
         print(f"{title}: {', '.join(reg.names())}")
     return 0
