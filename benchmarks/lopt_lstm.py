@@ -47,6 +47,8 @@ def main() -> None:
                     help="where the meta-training runs go (resumed if present)")
     ap.add_argument("--quadratic-trajectories", type=int, default=300)
     ap.add_argument("--mnist-trajectories", type=int, default=400)
+    ap.add_argument("--meta-lr", type=float, default=3e-3,
+                    help="Adam rate of the rule's weights (the reference code's 1e-3 needs many more trajectories)")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="20 trajectories each, 2 seeds: checks the pipeline only")
@@ -63,7 +65,7 @@ def main() -> None:
         out = Path(args.runs) / f"lstm-{family}{tag}"
         t0, c0 = time.perf_counter(), cpu_seconds()
         run_cli(["lopt", "train", "--optimizer", "lstm", "--optimizee", family, "--trajectories", str(n),
-                 "--out", str(out), "--threads", str(args.threads), "--val-every", "25"])
+                 "--lr", str(args.meta_lr), "--out", str(out), "--threads", str(args.threads), "--val-every", "25"])
         cfg_rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         training[family] = {"run": str(out), "trajectories": n, "wall_seconds_this_invocation": time.perf_counter() - t0,
                             "cpu_seconds_this_invocation": cpu_seconds() - c0,
@@ -100,7 +102,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     save(f"lopt_lstm{tag}", {"training": training, "rows": rows, "table": table, "threads": args.threads,
-                             "seeds": args.seeds})
+                             "seeds": args.seeds, "meta_lr": args.meta_lr})
 
 
 if __name__ == "__main__":
