@@ -10,7 +10,7 @@ from pathlib import Path
 import fastadapt
 
 ROOT = Path(fastadapt.__file__).parent
-BOTTOM = {"errors", "io", "registry", "progress", "measure", "_vmap", "config"}
+BOTTOM = {"errors", "io", "registry", "progress", "precision", "measure", "_vmap", "config"}
 # What each package may import from fastadapt (besides itself and BOTTOM).
 ALLOWED = {
     "measure": set(),

@@ -44,6 +44,8 @@ DEFAULTS: dict[str, Any] = {
     "val_episodes": 200,
     "max_train_seconds": 0.0,
     "threads": 0,  # 0: one per core
+    "precision": "fp32",
+    "compile": False,
     "eval": {"ways": 5, "shots": 1, "queries": 15, "episodes": 1000},
 }
 
@@ -67,7 +69,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 
 # Keys that may differ when a run is resumed or evaluated: they do not change what is learned.
 RESUMABLE = {"steps", "max_train_seconds", "device", "checkpoint_every", "log_every", "eval", "val_every", "val_episodes",
-             "data_dir", "download", "progress", "threads"}
+             "data_dir", "download", "progress", "threads", "precision", "compile"}
 
 # Options decided when a run starts (see MetaLearner.decide_run_options): while a flag keeps the
 # "decide for me" value, a resumed run takes the saved decision.
@@ -116,6 +118,8 @@ SPECS: dict[str, dict[str, Any]] = {
     "val_episodes": _spec("int", low=1),
     "max_train_seconds": _spec("float", low=0),
     "threads": _spec("int", low=0),
+    "precision": _spec("str", choices=("fp32", "bf16")),
+    "compile": _spec("bool"),
     "eval.ways": _spec("int", low=1),
     "eval.shots": _spec("int", low=1),
     "eval.queries": _spec("int", low=1),

@@ -29,7 +29,8 @@ from ..tasks.image_function import KIND as IMAGE_FUNCTION
 
 TRAIN_KEYS = ("dataset", "data_dir", "download", "image_size", "train_split", "ways", "shots", "queries", "steps",
               "meta_batch", "lr", "lr_decay_every", "lr_decay", "weight_decay", "seed", "device",
-              "checkpoint_every", "log_every", "val_every", "val_episodes", "max_train_seconds", "threads")
+              "checkpoint_every", "log_every", "val_every", "val_episodes", "max_train_seconds", "threads",
+              "precision", "compile")
 EVAL_KEYS = ("ways", "shots", "queries", "episodes")
 
 
@@ -74,6 +75,10 @@ CORE_HELP: dict[str, tuple[dict[str, Any], str]] = {
     "val_episodes": ({"type": int}, "episodes per validation"),
     "max_train_seconds": ({"type": float}, "time budget: stop training (checkpointed) after this many seconds; 0: none"),
     "threads": ({"type": int}, "CPU threads (0: $OMP_NUM_THREADS if set, else one per core); recorded with every cost figure"),
+    "precision": ({"choices": ["fp32", "bf16"]}, "bf16: bfloat16 autocast of convolutions and matrix products, float32 "
+                                                 "weights and updates (see fastadapt.precision)"),
+    "compile": ({"action": argparse.BooleanOptionalAction}, "torch.compile the learner's networks (first use compiles: "
+                                                            "minutes on a CPU)"),
     "eval_ways": ({"type": int}, "ways of the final test evaluation"),
     "eval_shots": ({"type": int}, "shots of the final test evaluation"),
     "eval_queries": ({"type": int}, "queries per class of the final test evaluation"),
@@ -216,7 +221,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = TrainSettings(**{k: cfg[k] for k in ("steps", "meta_batch", "lr", "lr_decay_every", "lr_decay",
                                                      "weight_decay", "seed", "device", "checkpoint_every",
                                                      "log_every", "val_every", "val_episodes",
-                                                     "max_train_seconds")},
+                                                     "max_train_seconds", "precision")},
                              progress=progress)
     settings.check()
 
@@ -229,6 +234,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     val_source = _eval_source(data_cfg, "val", ev) if cfg["val_every"] else None
     learner = cls.from_config(cfg, source.in_shape)
     cfg.update(learner.decide_run_options(cfg["device"]))
+    if cfg["compile"]:
+        learner.compile_networks()  # refused (ConfigError) where the method needs a double backward
     if saved is not None:
         check_same_run(saved, cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -237,6 +244,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     regression = getattr(source, "kind", "classification") == "regression"
     images = getattr(source, "kind", None) == IMAGE_FUNCTION
     extra = [f"batching {cfg['batching']}"] if "batching" in cfg else []
+    extra += (["bf16 autocast"] if cfg["precision"] == "bf16" else []) + (["compiled"] if cfg["compile"] else [])
     if "pretrain_batch" in cfg:  # ncm, qiao: a classifier of the training classes comes first
         pre = min(cfg.get("pretrain_steps", cfg["steps"]), cfg["steps"])
         extra.append(f"{'every iteration pre-trains' if pre == cfg['steps'] else f'iterations 1-{pre} pre-train'} a "
@@ -251,6 +259,7 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"({result.episodes_per_s:.1f} episodes/s in this invocation), peak memory {result.peak_mem_mb:.0f} MB",
           flush=True)
     res = evaluate(learner, test_source, ev["episodes"], seed=0, device=cfg["device"], progress=progress,
+                   precision=cfg["precision"],
                    desc="test")
     res.update(ways=ev["ways"], shots=ev["shots"], queries=ev["queries"], split="test", step=result.step,
                meta_train_seconds=result.train_seconds, train_episodes_per_s=result.episodes_per_s,
@@ -318,6 +327,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     validate({"eval": ev})
     source = build_task_source({**cfg, "progress": progress}, args.split, ev["ways"], ev["shots"], ev["queries"])
     res = evaluate(learner, source, ev["episodes"], seed=args.seed, device=cfg["device"], progress=progress,
+                   precision=cfg["precision"],
                    desc=args.split)
     res.update(ways=ev["ways"], shots=ev["shots"], queries=ev["queries"], split=args.split, seed=args.seed,
                method=cfg["method"], dataset=cfg["dataset"], step=run.step, meta_train_seconds=run.train_seconds,

@@ -9,6 +9,7 @@ import torch
 
 from ..errors import ConfigError
 from ..methods.base import MetaLearner
+from ..precision import autocast
 from ..progress import progress_bar
 from ..tasks.image_function import KIND as IMAGE_FUNCTION
 from ..tasks.image_function import psnr
@@ -30,6 +31,7 @@ def evaluate(
     progress: bool = True,
     desc: str = "eval",
     keep_scores: bool = False,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Adapt to ``episodes`` tasks drawn from ``source`` and score each on its query set.
 
@@ -39,7 +41,8 @@ def evaluate(
     ``adapt_ms`` (median wall time of :meth:`MetaLearner.adapt` per episode), ``predict_ms``,
     ``peak_mem_mb`` and ``peak_mem_kind``. The episodes are a pure function of ``seed``.
     ``keep_scores`` adds ``scores``, the score of every episode in order (for paired comparisons
-    of learners evaluated with the same seed).
+    of learners evaluated with the same seed). ``precision`` ``bf16`` runs adaptation and prediction
+    under bfloat16 autocast (:mod:`fastadapt.precision`).
     """
     if episodes < 1:
         raise ConfigError(f"--episodes must be at least 1, got {episodes}")
@@ -60,12 +63,12 @@ def evaluate(
                 ep = source.sample(gen).to(device)
                 _sync(device)
                 t0 = time.perf_counter()
-                with torch.set_grad_enabled(learner.adapt_requires_grad):
+                with torch.set_grad_enabled(learner.adapt_requires_grad), autocast(device, precision):
                     adapted = learner.adapt(ep.support_x, ep.support_y)
                 _sync(device)
                 t1 = time.perf_counter()
-                with torch.no_grad():
-                    out = learner.predict(adapted, ep.query_x)
+                with torch.no_grad(), autocast(device, precision):
+                    out = learner.predict(adapted, ep.query_x).float()
                 _sync(device)
                 t2 = time.perf_counter()
                 adapt_ms.append(1e3 * (t1 - t0))

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, NonFiniteLossError
 from ..io import atomic_write_text, load_checkpoint_with_fallback, previous_checkpoint, read_metrics, save_checkpoint
 from ..methods.base import MetaLearner
+from ..precision import autocast, check_precision
 from ..progress import progress_bar
 from .evaluate import evaluate
 from ..measure.memory import PeakMemory
@@ -52,6 +53,7 @@ class TrainSettings:
     val_every: int = 0  # 0: no validation during training
     val_episodes: int = 200
     max_train_seconds: float = 0.0  # 0: no time budget; else stop (and checkpoint) once training took this long
+    precision: str = "fp32"  # "bf16": autocast matrix products and convolutions (see fastadapt.precision)
     progress: bool = True
 
     def check(self) -> None:
@@ -65,6 +67,7 @@ class TrainSettings:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         if self.max_train_seconds < 0:
             raise ConfigError(f"--max-train-seconds must be 0 (no limit) or more, got {self.max_train_seconds}")
+        check_precision(self.precision)
         if not 0 < self.lr_decay <= 1:
             raise ConfigError(f"--lr-decay must be in (0, 1], got {self.lr_decay}")
 
@@ -346,7 +349,8 @@ def meta_train(
                 t0 = time.perf_counter()
                 batch = learner.draw_batch(source, gen, s.meta_batch, step + 1).to(device, non_blocking=True)
                 try:
-                    metrics = learner.train_step(batch, optimizer, step + 1)
+                    with autocast(device, s.precision):
+                        metrics = learner.train_step(batch, optimizer, step + 1)
                 except NonFiniteLossError as exc:
                     raise NonFiniteLossError(f"{exc} (run directory: {out})" if out else str(exc)) from None
                 scheduler.step()
@@ -365,7 +369,7 @@ def meta_train(
                     if s.val_every and val_source is not None and (step % s.val_every == 0 or step == s.steps
                                                                    or out_of_time):
                         res = evaluate(learner, val_source, s.val_episodes, seed=s.seed + 1, device=device,
-                                       progress=False)
+                                       progress=False, precision=s.precision)
                         learner.train()
                         key = next(k for k in ("accuracy", "psnr", "mse") if k in res)
                         row[f"val_{key}"] = res[key]

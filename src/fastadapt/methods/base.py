@@ -85,6 +85,12 @@ class MetaLearner(nn.Module):
     def load_run_state(self, state: dict[str, Any]) -> None:
         """Take back :meth:`run_state` from a checkpoint; raise ``ConfigError`` on a conflict."""
 
+    def compile_networks(self) -> None:
+        """``--compile``: compile every network of the learner in place with ``torch.compile``
+        (``nn.Module.compile``, which keeps parameter names, so checkpoints are unchanged)."""
+        for module in self.children():
+            module.compile()
+
     def parameter_groups(self) -> list[dict[str, Any]] | None:
         """Optional optimiser parameter groups (e.g. a separate rate for learned step sizes)."""
         return None

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, grad_and_value, vjp
 
+from ..errors import ConfigError
 from ..registry import METHODS
 from ..tasks.episode import Episode
 from .inner import Forward, InnerSGD, LossFn, Params, check_inner_losses, check_positive, inner_loop, map_tasks, module_forward
@@ -139,6 +140,10 @@ class IMAML(MAML):
         check_positive("lam", self.lam)
         check_positive("cg_steps", self.cg_steps, integer=True)
         self.cg_steps = int(self.cg_steps)
+
+    def compile_networks(self) -> None:
+        raise ConfigError("--compile does not work with imaml: its implicit gradient takes Hessian-vector products "
+                          "(a double backward), which compiled graphs do not have; leave out --compile")
 
     def _fit(self, support_x: Tensor, support_y: Tensor, differentiable: bool,
              ways: int | None = None) -> tuple[Params, Tensor]:

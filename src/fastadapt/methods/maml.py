@@ -273,6 +273,13 @@ class MAML(MetaLearner):
         convolutional = any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules())
         return "loop" if convolutional else "vmap"
 
+    def compile_networks(self) -> None:
+        if not self.first_order:
+            raise ConfigError(f"--compile does not work with second-order {self.name}: compiled graphs have no double "
+                              "backward (the meta-gradient differentiates through the inner gradients); use "
+                              "--first-order or leave out --compile")
+        super().compile_networks()
+
     def decide_run_options(self, device: torch.device | str) -> dict[str, Any]:
         if self.batching == "auto":
             self.batching = self._auto_mode(torch.device(device))

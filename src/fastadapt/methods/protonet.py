@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..models.conv4 import build_backbone
 from ..registry import METHODS
 from ..tasks.episode import Episode
+from ..precision import full_precision
 from .base import MetaLearner, accuracy
 
 
@@ -28,6 +29,7 @@ def prototypes(embeddings: Tensor, labels: Tensor, ways: int) -> Tensor:
     return sums / counts[:, None]
 
 
+@full_precision
 def squared_euclidean(x: Tensor, protos: Tensor) -> Tensor:
     """``[N, D] x [K, D] -> [N, K]`` squared Euclidean distances, by the expanded form
     ``|x|^2 - 2 x.p + |p|^2`` (one matrix product instead of an ``N x K x D`` tensor)."""
@@ -35,6 +37,7 @@ def squared_euclidean(x: Tensor, protos: Tensor) -> Tensor:
     return d.clamp_min_(0.0)
 
 
+@full_precision
 def cosine_distance(x: Tensor, protos: Tensor) -> Tensor:
     return 1.0 - F.normalize(x, dim=-1) @ F.normalize(protos, dim=-1).T
 

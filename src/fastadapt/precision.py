@@ -1,0 +1,56 @@
+"""Mixed precision: ``--precision bf16`` runs matrix products and convolutions in bfloat16.
+
+The weights stay float32 (the optimiser updates float32 master weights) and so does every
+elementwise update: :func:`autocast` only changes the dtype of the operations on PyTorch's
+autocast lists (convolutions, matrix products), whose results are cast back where a float32
+tensor meets them. Computations that lose too much in bfloat16 are pinned to float32 with
+:func:`full_precision`: the expanded squared distance of Prototypical Networks (a difference of
+large, nearly equal terms) and normalisation statistics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Callable, TypeVar
+
+import torch
+
+from .errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
+def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context of ``precision`` on ``device`` (a no-op for ``fp32``)."""
+    check_precision(precision)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def full_precision(fn: F) -> F:
+    """Run ``fn`` in float32 even inside a bfloat16 autocast region (tensor arguments are cast)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_autocast_enabled(_device_of(args)):
+            return fn(*args, **kwargs)
+        cast = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        with torch.autocast(_device_of(args), enabled=False):
+            return fn(*cast, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _device_of(args: tuple[Any, ...]) -> str:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+    return "cpu"
