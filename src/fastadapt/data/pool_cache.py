@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 import sys
 import tempfile
@@ -76,9 +77,16 @@ def _probe(rows: np.ndarray) -> str:
 
 
 def _map(data: Path, shape: tuple[int, ...]) -> np.ndarray:
-    if math.prod(shape) == 0:  # an empty file cannot be mapped
+    """The first ``prod(shape)`` bytes of ``data``, mapped read-only, as an array of ``shape``."""
+    size = math.prod(shape)
+    if size == 0:  # an empty file cannot be mapped
         return np.empty(shape, dtype=np.uint8)
-    return np.memmap(data, dtype=np.uint8, mode="r", shape=shape)
+    with open(data, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+    if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        # Episodes read rows in random order: read ahead, a row would drag its neighbours from disk.
+        mapped.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mapped, dtype=np.uint8).reshape(shape)
 
 
 def _tensor(rows: np.ndarray, in_memory: bool) -> Tensor:
