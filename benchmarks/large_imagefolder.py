@@ -12,7 +12,8 @@ the repository). A folder written before with the same settings is reused.
 subprocess: first with an empty dataset cache (decoding and writing the cache included), then again
 reading the cache. For each run it records the peak resident set size (``ru_maxrss`` of the child,
 from ``wait4``) and the peaks of its private (``RssAnon``) and file-backed (``RssFile``, here the
-memory-mapped pool: page cache, shared and reclaimable) parts, sampled from /proc every 0.2 s. It
+memory-mapped pool and the shared libraries: page cache, shared and reclaimable) parts, sampled
+from /proc every 0.2 s. It
 reports each peak over the pixel bytes (images x 3 x SIZE x SIZE).
 
 ``--raw`` skips decoding for sizes where writing and decoding image files would take hours: every
@@ -22,7 +23,7 @@ pool larger than what fits comfortably in memory trains with a small resident se
 
 ``--src DIR`` runs the training with the package sources in DIR (e.g. another checkout's src/,
 to compare with an earlier version). The JSON goes to
-benchmarks/results/large_imagefolder_<images>x<size>[_raw].json. ``--clean`` deletes the scratch
+benchmarks/results/large_imagefolder_<images>x<size>[_raw][_<tag>].json. ``--clean`` deletes the scratch
 folder at the end.
 """
 
@@ -157,7 +158,7 @@ def run_training(cmd: list[str], env: dict[str, str]) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 3)[3],
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=60000, help="number of images (default 60000, miniImageNet)")
     ap.add_argument("--size", type=int, default=84, help="--image-size of the training (default 84)")
@@ -173,6 +174,7 @@ def main() -> None:
     ap.add_argument("--eval-episodes", type=int, default=20, help="final test episodes per run (default 20)")
     ap.add_argument("--threads", type=int, default=2, help="--threads of the training (default 2)")
     ap.add_argument("--src", type=Path, default=REPO / "src", help="package sources the training runs (default ./src)")
+    ap.add_argument("--tag", default="", help="suffix of the result's name (e.g. 'main' with --src of a main checkout)")
     ap.add_argument("--clean", action="store_true", help="delete the scratch folder at the end")
     args = ap.parse_args()
     require_clean_tree()
@@ -217,7 +219,7 @@ def main() -> None:
               f"(private {r.get('polled_peak_RssAnon_bytes', 0) / 2**30:.2f} GiB, "
               f"file-backed {r.get('polled_peak_RssFile_bytes', 0) / 2**30:.2f} GiB, sampled)", flush=True)
     cache_bytes = sum(p.stat().st_size for p in cache.glob("*.u8")) if cache.is_dir() else 0
-    save(f"large_imagefolder_{name.replace('-', '_')}", {
+    save(f"large_imagefolder_{name.replace('-', '_')}" + (f"_{args.tag}" if args.tag else ""), {
         "images": images, "classes": counts, "per_class": args.per_class, "image_size": args.size,
         "file_size": args.file_size or args.size, "format": "1x1 png placeholders" if args.raw else args.format,
         "raw": args.raw, "pixel_bytes": pixel_bytes, "pixel_gib": round(pixel_bytes / 2**30, 3),
