@@ -31,19 +31,17 @@ import hashlib
 import json
 import math
 import mmap
-import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, BinaryIO, Callable, Iterable, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..errors import DataError
-from ..io import atomic_write_text
+from ..io import atomic_write, atomic_write_text
 
 FORMAT = "fastadapt-uint8-rows"
 VERSION = 1
@@ -160,27 +158,19 @@ def write_cache(stem: Path, source: str, content: CacheContent,
     data.parent.mkdir(parents=True, exist_ok=True)
     index.unlink(missing_ok=True)  # the old index no longer vouches for the data file
     row_shape = tuple(int(s) for s in content.row_shape)
-    fd, tmp = tempfile.mkstemp(prefix=data.name + ".", suffix=".tmp", dir=data.parent)
-    try:
+
+    def stream(f: BinaryIO) -> None:
         written = 0
-        with os.fdopen(fd, "wb") as f:
-            for chunk in content.chunks:
-                if chunk.dtype != np.uint8 or tuple(chunk.shape[1:]) != row_shape:
-                    raise DataError(f"a cache chunk is {chunk.dtype} {tuple(chunk.shape)}, expected uint8 "
-                                    f"[n, {', '.join(map(str, row_shape))}]")
-                f.write(np.ascontiguousarray(chunk).data)
-                written += len(chunk)
-            if written != content.rows:
-                raise DataError(f"the cache {data.name} received {written} rows, expected {content.rows}")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, data)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+        for chunk in content.chunks:
+            if chunk.dtype != np.uint8 or tuple(chunk.shape[1:]) != row_shape:
+                raise DataError(f"a cache chunk is {chunk.dtype} {tuple(chunk.shape)}, expected uint8 "
+                                f"[n, {', '.join(map(str, row_shape))}]")
+            f.write(np.ascontiguousarray(chunk).data)
+            written += len(chunk)
+        if written != content.rows:
+            raise DataError(f"the cache {data.name} received {written} rows, expected {content.rows}")
+
+    atomic_write(data, stream)  # a temporary file beside it, flushed to disk, renamed into place
     shape = (content.rows, *row_shape)
     rows = _map(data, shape)
     record = {"format": FORMAT, "version": VERSION, "source": source, "dtype": "uint8", "shape": list(shape),
