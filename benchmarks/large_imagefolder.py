@@ -10,7 +10,9 @@ the repository). A folder written before with the same settings is reused.
 
 (b) Runs ``fastadapt train protonet --dataset imagefolder --image-size SIZE --steps N`` twice in a
 subprocess: first with an empty dataset cache (decoding and writing the cache included), then again
-reading the cache. For each run it records the peak resident set size (``ru_maxrss`` of the child,
+reading the cache. A third run, the reference, trains the same way on a folder of 15 small classes:
+what the training needs whatever the data (Python, torch, the model's activations), so that the
+peak minus the reference's peak is the memory the data costs. For each run it records the peak resident set size (``ru_maxrss`` of the child,
 from ``wait4``) and the peaks of its private (``RssAnon``) and file-backed (``RssFile``, here the
 memory-mapped pool and the shared libraries: page cache, shared and reclaimable) parts, sampled
 from /proc every 0.2 s. It
@@ -171,6 +173,9 @@ def main() -> None:
                     help="folder for the images, the dataset cache and the runs "
                          "(default <user cache>/bench-imagefolder-<images>x<size>[-raw])")
     ap.add_argument("--steps", type=int, default=30, help="training iterations per run (default 30)")
+    ap.add_argument("--shots", type=int, default=5, help="training shots of the 5-way episodes (default 5)")
+    ap.add_argument("--queries", type=int, default=15, help="training queries per class (default 15)")
+    ap.add_argument("--no-reference", action="store_true", help="skip the reference run on a small folder")
     ap.add_argument("--eval-episodes", type=int, default=20, help="final test episodes per run (default 20)")
     ap.add_argument("--threads", type=int, default=2, help="--threads of the training (default 2)")
     ap.add_argument("--src", type=Path, default=REPO / "src", help="package sources the training runs (default ./src)")
@@ -199,30 +204,49 @@ def main() -> None:
         shutil.rmtree(cache, ignore_errors=True)  # the first run decodes and writes the cache
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(args.src.resolve()), os.environ.get("PYTHONPATH", "")])}
+    phases = {"cold_cache": data, "cached": data}
+    if args.raw:
+        del phases["cold_cache"]
+    if not args.no_reference:
+        reference = scratch / "reference"
+        generate(reference, {"train": 5, "val": 5, "test": 5}, args.shots + args.queries + 5,
+                 args.file_size or args.size, args.format, False)
+        phases["reference"] = reference
     results = {}
-    for phase in (("cached",) if args.raw else ("cold_cache", "cached")):
+    for phase, folder in phases.items():
         shutil.rmtree(runs / phase, ignore_errors=True)  # a fresh run, not a resumed one
         cmd = [sys.executable, "-m", "fastadapt", "train", "protonet", "--dataset", "imagefolder",
-               "--data-dir", str(data), "--image-size", str(args.size), "--steps", str(args.steps),
-               "--ways", "5", "--shots", "5", "--queries", "15", "--eval-episodes", str(args.eval_episodes),
+               "--data-dir", str(folder), "--image-size", str(args.size), "--steps", str(args.steps),
+               "--ways", "5", "--shots", str(args.shots), "--queries", str(args.queries),
+               "--eval-episodes", str(args.eval_episodes),
                "--threads", str(args.threads), "--checkpoint-every", "0", "--out", str(runs / phase), "--no-progress"]
         print(f"{phase}: {' '.join(cmd)}", flush=True)
         r = run_training(cmd, env)
         r["command"] = " ".join(cmd[1:])
-        r["peak_rss_over_pixel_bytes"] = round(r["peak_rss_bytes"] / pixel_bytes, 3)
-        for key in ("RssAnon", "RssFile"):
-            if f"polled_peak_{key}_bytes" in r:
-                r[f"polled_peak_{key}_over_pixel_bytes"] = round(r[f"polled_peak_{key}_bytes"] / pixel_bytes, 3)
+        if phase != "reference":  # its pixels are not those of the folder
+            r["peak_rss_over_pixel_bytes"] = round(r["peak_rss_bytes"] / pixel_bytes, 3)
+            for key in ("RssAnon", "RssFile"):
+                if f"polled_peak_{key}_bytes" in r:
+                    r[f"polled_peak_{key}_over_pixel_bytes"] = round(r[f"polled_peak_{key}_bytes"] / pixel_bytes, 3)
         results[phase] = r
         print(f"{phase}: exit {r['exit_code']}, {r['seconds']} s, peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB "
-              f"= {r['peak_rss_over_pixel_bytes']}x the pixels "
+              f"= {r.get('peak_rss_over_pixel_bytes', '-')}x the pixels "
               f"(private {r.get('polled_peak_RssAnon_bytes', 0) / 2**30:.2f} GiB, "
               f"file-backed {r.get('polled_peak_RssFile_bytes', 0) / 2**30:.2f} GiB, sampled)", flush=True)
+    if "reference" in results:
+        ref = results["reference"]["peak_rss_bytes"]
+        for phase in ("cold_cache", "cached"):
+            if phase in results:
+                extra = results[phase]["peak_rss_bytes"] - ref
+                results[phase]["peak_rss_minus_reference_bytes"] = extra
+                results[phase]["peak_rss_minus_reference_over_pixel_bytes"] = round(extra / pixel_bytes, 3)
+                print(f"{phase}: the data cost {extra / 2**30:.2f} GiB above the reference run "
+                      f"= {extra / pixel_bytes:.3f}x the pixels")
     cache_bytes = sum(p.stat().st_size for p in cache.glob("*.u8")) if cache.is_dir() else 0
     save(f"large_imagefolder_{name.replace('-', '_')}" + (f"_{args.tag}" if args.tag else ""), {
         "images": images, "classes": counts, "per_class": args.per_class, "image_size": args.size,
         "file_size": args.file_size or args.size, "format": "1x1 png placeholders" if args.raw else args.format,
-        "raw": args.raw, "pixel_bytes": pixel_bytes, "pixel_gib": round(pixel_bytes / 2**30, 3),
+        "raw": args.raw, "episodes": f"5-way {args.shots}-shot {args.queries} queries", "pixel_bytes": pixel_bytes, "pixel_gib": round(pixel_bytes / 2**30, 3),
         "cache_file_bytes": cache_bytes, "src": str(args.src.resolve()),
         "generate_seconds": round(gen_s, 1),
         "raw_cache_write_seconds": None if raw_cache_s is None else round(raw_cache_s, 1),
