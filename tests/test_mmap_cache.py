@@ -112,6 +112,22 @@ def test_a_pool_larger_than_memory_samples_without_copying_it(cache):
     assert pool.images.data_ptr() == images.data_ptr() and mapped_rss(data) < memory // 8
 
 
+@linux_only
+def test_sampling_brings_in_only_the_rows_it_draws(cache):
+    rows, shape = 10240, (3, 32, 32)  # 30 MiB
+    stem = cache / "pool"
+    rng = np.random.default_rng(0)
+    chunks = (rng.integers(0, 255, (1024, *shape), dtype=np.uint8) for _ in range(rows // 1024))
+    images, _ = write_cache(stem, "synthetic", CacheContent(shape, rows, chunks, {}))
+    pool = ClassPool(images, torch.arange(64) * 160, torch.full((64,), 160), [str(c) for c in range(64)])
+    sampler, gen = EpisodeSampler(pool, 5, 1, 1), torch.Generator().manual_seed(0)
+    for _ in range(5):
+        sampler.sample(gen)
+    # 50 rows of 3 KiB drawn, and 64 read for the index's digest: a small part of the file is mapped.
+    size = cache_files(stem)[0].stat().st_size
+    assert mapped_rss(cache_files(stem)[0]) < size // 4
+
+
 def test_truncated_damaged_or_foreign_cache_is_detected_and_rebuilt(tmp_path, cache, capsys):
     root = make_folder(tmp_path / "ds", per_class=3)
     first = imagefolder_pools(str(root), image_size=8, progress=False)["train"].images.clone()

@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import mmap
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -95,6 +96,22 @@ def _tensor(rows: np.ndarray, in_memory: bool) -> Tensor:
         # (see the module's docstring), and its users only read it.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(rows)
+
+
+def _drop_from_page_cache(path: Path) -> None:
+    """Evict the pages of ``path`` (written and flushed to disk) from the page cache.
+
+    Pages written in large blocks are cached as large blocks, up to 2 MiB, and a mapping maps (and
+    the process's resident size counts) a whole block when one row of it is read: sampling would
+    soon hold the whole file. Read back from disk with random access advised, a row brings in
+    only its own pages."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 class _Damaged(Exception):
@@ -171,6 +188,7 @@ def write_cache(stem: Path, source: str, content: CacheContent,
             raise DataError(f"the cache {data.name} received {written} rows, expected {content.rows}")
 
     atomic_write(data, stream)  # a temporary file beside it, flushed to disk, renamed into place
+    _drop_from_page_cache(data)
     shape = (content.rows, *row_shape)
     rows = _map(data, shape)
     record = {"format": FORMAT, "version": VERSION, "source": source, "dtype": "uint8", "shape": list(shape),
