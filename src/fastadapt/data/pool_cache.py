@@ -9,7 +9,8 @@ A cache entry is two files beside each other in the user cache (:func:`fastadapt
 Building streams the rows chunk by chunk into a temporary file beside the cache, so the memory
 it needs is one chunk, not the dataset. The temporary file is flushed to disk and renamed into
 place, and only then is the index written (atomically too): an interrupted build leaves no index,
-and a ``.u8`` without a matching index is never read.
+and a ``.u8`` without a matching index is never read. The new file's pages are then evicted from
+the page cache (see :func:`_drop_from_page_cache`), so that reading it maps only what is read.
 
 Reading maps the file read-only and wraps it in a tensor without copying: pages are read from
 disk when a row is first touched and live in the page cache, shared by every process that maps
