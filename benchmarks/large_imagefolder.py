@@ -32,6 +32,7 @@ folder at the end.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -65,11 +66,14 @@ def write_class(folder: Path, seed: int, count: int, file_size: int, fmt: str, r
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     colour = rng.integers(30, 226, 3)
+    if raw:  # one 1x1 PNG, encoded once, in every file of the class
+        buf = io.BytesIO()
+        Image.new("RGB", (1, 1), tuple(int(c) for c in colour)).save(buf, "PNG")
+        for i in range(count):
+            (folder / f"{i:05d}.png").write_bytes(buf.getvalue())
+        return
     for i in range(count):
-        path = folder / f"{i:05d}.{'png' if raw else fmt}"
-        if raw:
-            Image.new("RGB", (1, 1), tuple(int(c) for c in colour)).save(path)
-            continue
+        path = folder / f"{i:05d}.{fmt}"
         block = np.clip(colour + rng.normal(0, 50, (6, 6, 3)), 0, 255).astype(np.uint8)
         im = Image.fromarray(block).resize((file_size, file_size), Image.Resampling.BILINEAR)
         im.save(path, quality=90) if fmt == "jpg" else im.save(path)
