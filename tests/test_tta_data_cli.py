@@ -58,7 +58,7 @@ def test_jpg_archive_is_read_in_class_order_and_cached(tmp_path):
     for i in range(30):
         ref = torch.tensor(colours[(int(y[i]), i % 3)], dtype=torch.float32)
         assert (x[i].float().mean(dim=(1, 2)) - ref).abs().max() < 4  # JPEG is lossy
-    assert len(list((tmp_path / "cache" / "cifar10").glob("jpg-test-*.pt"))) == 1
+    assert len(list((tmp_path / "cache" / "cifar10").glob("jpg-test-*.u8"))) == 1
     x2, y2 = C10.load_cifar10("test", tmp_path / "d")
     assert torch.equal(x, x2) and torch.equal(y, y2)
 

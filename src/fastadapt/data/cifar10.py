@@ -9,8 +9,10 @@ Two on-disk forms are understood:
   given; md5-checked, written atomically). Its pickled batches are read straight from the archive
   with an unpickler that only admits numpy arrays, so nothing is extracted and no code is run.
 
-Either way the decoded split is cached as ``[N, 3, 32, 32]`` uint8 images and int64 labels in
-``cache_dir()/cifar10``, keyed by the archive's checksum, so later runs load in well under a second.
+Either way the decoded split is cached in ``cache_dir()/cifar10`` as a raw file of
+``[N, 3, 32, 32]`` uint8 images, read memory-mapped, with the labels in its JSON index (see
+:mod:`fastadapt.data.pool_cache`), keyed by the archive's checksum, so later runs load in well under
+a second.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, DataError
-from ..io import load_checkpoint, save_checkpoint
 from ..progress import progress_bar
 from .cache import cache_dir, default_data_dir, env_data_dir
 from .download import download, file_digest
+from .pool_cache import CacheContent, cached_rows
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -152,18 +154,16 @@ def load_cifar10(
     """
     _check_split(split)
     archive, kind = _locate(data_dir, split, download, progress)
-    key = file_digest(archive, "sha256")[:16]
-    cached = cache_dir() / "cifar10" / f"{kind}-{split}-{key}.pt"
-    if cached.is_file():
-        try:
-            blob = load_checkpoint(cached)
-            return blob["images"], blob["labels"]
-        except (DataError, KeyError):
-            pass  # a damaged cache is rebuilt from the archive below
-    decode = _decode_jpg_tar if kind == "jpg" else _decode_official_tar
-    images, labels = decode(archive, split, progress)
-    expected = SPLIT_SIZES[split]
-    if kind == "official" and len(labels) != expected:
-        raise DataError(f"{archive}: {len(labels)} {split} images, expected {expected}")
-    save_checkpoint({"images": images, "labels": labels}, cached)
-    return images, labels
+    digest = file_digest(archive, "sha256")
+
+    def build() -> CacheContent:
+        decode = _decode_jpg_tar if kind == "jpg" else _decode_official_tar
+        images, labels = decode(archive, split, progress)
+        expected = SPLIT_SIZES[split]
+        if kind == "official" and len(labels) != expected:
+            raise DataError(f"{archive}: {len(labels)} {split} images, expected {expected}")
+        return CacheContent(tuple(images.shape[1:]), len(images), [images.numpy()], {"labels": labels.tolist()})
+
+    stem = cache_dir() / "cifar10" / f"{kind}-{split}-{digest[:16]}"
+    images, meta = cached_rows(stem, f"cifar10 {kind} {split} sha256:{digest}", build, in_memory=True)
+    return images, torch.tensor(meta["labels"], dtype=torch.int64)

@@ -14,10 +14,9 @@ from functools import lru_cache
 
 import torch
 
-from ..errors import DataError
-from ..io import load_checkpoint, save_checkpoint
 from ..tasks.sampler import ClassPool
 from .cache import cache_dir
+from .pool_cache import CacheContent, cached_rows
 
 SPLITS = {"train": 1000, "val": 100, "test": 300}
 
@@ -88,16 +87,13 @@ def make_glyphs(
 def glyph_pools(seed: int = 0, size: int = 28, per_class: int = 20) -> dict[str, ClassPool]:
     """The built-in dataset's splits (1000 train, 100 val, 300 test classes of 20 images)."""
     total = sum(SPLITS.values())
-    cache = cache_dir() / f"glyphs-v1-seed{seed}-{size}px-{per_class}.pt"
-    images = None
-    if cache.is_file():
-        try:
-            images = load_checkpoint(cache)["images"]
-        except (DataError, KeyError, TypeError):
-            cache.unlink(missing_ok=True)
-    if images is None:
-        images = make_glyphs(total, per_class=per_class, size=size, seed=seed)
-        save_checkpoint({"images": images}, cache)
+    name = f"glyphs-v1-seed{seed}-{size}px-{per_class}"
+
+    def build() -> CacheContent:
+        images = make_glyphs(total, per_class=per_class, size=size, seed=seed).reshape(-1, 1, size, size)
+        return CacheContent((1, size, size), len(images), [images.numpy()], {})
+
+    images = cached_rows(cache_dir() / name, name, build, in_memory=True)[0].reshape(total, per_class, 1, size, size)
     pools, start = {}, 0
     for split, count in SPLITS.items():
         names = [f"glyph{c:04d}" for c in range(start, start + count)]

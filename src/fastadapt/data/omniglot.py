@@ -3,7 +3,8 @@
 The loader reads the two official folders ``images_background/`` and ``images_evaluation/``
 (downloading and verifying the official zips when they are missing), resizes every drawing
 once to ``image_size`` (28 by default), inverts it so that strokes are bright, and caches the
-result as one compact ``uint8`` tensor file in the user cache, so later runs start in seconds.
+result as one raw ``uint8`` file in the user cache (see :mod:`fastadapt.data.pool_cache`), so
+later runs start in seconds.
 
 Classes follow Vinyals et al. and Snell et al.: each character in four rotations (0, 90, 180,
 270 degrees) is a class of its own; 1028 characters train, 172 validate and 423 test
@@ -19,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from ..io import load_checkpoint, save_checkpoint
 from ..errors import DataError
 from ..tasks.sampler import ClassPool
 from .cache import cache_dir, default_data_dir, env_data_dir
 from .download import download, safe_extract_zip
-from .images import list_images, load_images
+from .images import decode_chunks, list_images
+from .pool_cache import CacheContent, cached_rows
 
 URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{}.zip"
 MD5 = {"images_background": "68d2efa1b9178cc56df9314c21c6e718", "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811"}
@@ -101,29 +102,27 @@ def load_characters(data_dir: str | Path | None = None, image_size: int = 28, do
         data_dir = env_data_dir("omniglot") or default_data_dir("omniglot")
     data_dir = Path(data_dir)
     key = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:10]
-    cache = cache_dir() / f"omniglot-{image_size}px-{key}.pt"
-    if cache.is_file():
-        try:
-            blob = load_checkpoint(cache)
-            return blob["images"], list(blob["characters"])
-        except (DataError, KeyError, TypeError):
-            cache.unlink(missing_ok=True)  # our own cache: rebuild it rather than fail
-    folders = _locate(data_dir, download_missing)
-    names = split_characters("train") + split_characters("val") + split_characters("test")
-    absent = [n for n in names if n not in folders]
-    if absent:
-        raise DataError(f"Omniglot in {data_dir} lacks {len(absent)} characters of the standard split "
-                        f"(e.g. {absent[0]}); re-extract the official archives there")
-    paths = []
-    for n in names:
-        files = list_images(folders[n])
-        if len(files) != DRAWINGS:
-            raise DataError(f"{folders[n]} holds {len(files)} drawings, expected {DRAWINGS}; re-extract the archives")
-        paths.extend(files)
-    images = load_images(paths, image_size, "L", invert=True, desc="decoding Omniglot", progress=progress)
-    images = images.reshape(len(names), DRAWINGS, 1, image_size, image_size)
-    save_checkpoint({"images": images, "characters": names}, cache)
-    return images, names
+
+    def build() -> CacheContent:
+        folders = _locate(data_dir, download_missing)
+        names = split_characters("train") + split_characters("val") + split_characters("test")
+        absent = [n for n in names if n not in folders]
+        if absent:
+            raise DataError(f"Omniglot in {data_dir} lacks {len(absent)} characters of the standard split "
+                            f"(e.g. {absent[0]}); re-extract the official archives there")
+        paths = []
+        for n in names:
+            files = list_images(folders[n])
+            if len(files) != DRAWINGS:
+                raise DataError(f"{folders[n]} holds {len(files)} drawings, expected {DRAWINGS}; re-extract the archives")
+            paths.extend(files)
+        chunks = decode_chunks(paths, image_size, "L", invert=True, desc="decoding Omniglot", progress=progress)
+        return CacheContent((1, image_size, image_size), len(paths), chunks, {"characters": names})
+
+    images, meta = cached_rows(cache_dir() / f"omniglot-{image_size}px-{key}", f"omniglot {data_dir.resolve()}", build,
+                               in_memory=True)
+    names = list(meta["characters"])
+    return images.reshape(len(names), DRAWINGS, 1, image_size, image_size), names
 
 
 @lru_cache(maxsize=2)

@@ -1,8 +1,10 @@
-"""k-way n-shot episodes from an in-memory pool of labelled images.
+"""k-way n-shot episodes from a pool of labelled images.
 
 The pool keeps every image as ``uint8`` in one contiguous tensor, grouped by class; an episode
 is drawn with a handful of vectorised tensor ops (no per-image Python), so sampling stays far
-from being the bottleneck of training.
+from being the bottleneck of training. The tensor may be memory-mapped from a cache file (see
+:mod:`fastadapt.data.pool_cache`): an episode reads only the rows it draws, so a pool larger
+than memory works, and nothing here copies or converts the whole pool.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class ClassPool:
 
     ``images`` is ``uint8 [N, C, H, W]`` sorted by class; class ``c`` owns rows
     ``offsets[c] : offsets[c] + counts[c]``. ``class_names`` names each class (for messages).
+    ``images`` may be memory-mapped; the pool never copies it whole.
     """
 
     images: Tensor
@@ -38,12 +41,15 @@ class ClassPool:
 
     @classmethod
     def from_labels(cls, images: Tensor, labels: Tensor, class_names: Sequence[str] | None = None) -> "ClassPool":
-        """Build a pool from unsorted images and integer labels ``0..C-1``."""
+        """Build a pool from images and integer labels ``0..C-1`` (images already grouped by class
+        are used as they are, not copied)."""
         labels = torch.as_tensor(labels, dtype=torch.long)
-        order = torch.argsort(labels, stable=True)
         counts = torch.bincount(labels)
         offsets = torch.cumsum(counts, 0) - counts
         names = list(class_names) if class_names is not None else [str(i) for i in range(len(counts))]
+        if bool((labels[1:] >= labels[:-1]).all()) and images.is_contiguous():
+            return cls(images, offsets, counts, names)
+        order = torch.argsort(labels, stable=True)
         return cls(images[order].contiguous(), offsets, counts, names)
 
     @classmethod
