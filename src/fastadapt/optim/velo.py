@@ -95,7 +95,7 @@ class VeLORule(LearnedRule):
     name = "velo"
 
     def __init__(self, hidden: int = 8, lstm_hidden: int = 32, momenta: Sequence[float] = (0.5, 0.9, 0.99),
-                 rms_beta: float = 0.999, step_mult: float = 3e-3, exp_mult: float = 1.0) -> None:
+                 rms_beta: float = 0.999, step_mult: float = 1e-2, exp_mult: float = 1.0) -> None:
         momenta = tuple(float(b) for b in momenta)
         super().__init__(hidden=hidden, lstm_hidden=lstm_hidden, momenta=list(momenta), rms_beta=rms_beta,
                          step_mult=step_mult, exp_mult=exp_mult)
