@@ -122,6 +122,7 @@ class VeLORule(LearnedRule):
         self.controls = nn.Linear(lstm_hidden, 1 + nf + hidden)
         nn.init.zeros_(self.controls.weight)
         nn.init.zeros_(self.controls.bias)
+        self._scratch: dict[str, Tensor] = {}
 
     @property
     def adam_feature(self) -> int:
@@ -136,12 +137,21 @@ class VeLORule(LearnedRule):
 
     # --- pieces --------------------------------------------------------------------------------
 
-    def features(self, grad: Tensor, params: Tensor, m: Tensor, v: Tensor) -> Tensor:
+    def features(self, grad: Tensor, params: Tensor, m: Tensor, v: Tensor, out: Tensor | None = None) -> Tensor:
         """``[F, numel]`` raw per-parameter features (rows: p, g, clip(g), m_k, v, m_k / sqrt(v),
-        1 / sqrt(v), g / sqrt(v))."""
-        rsqrt = (v + 1e-12).rsqrt()
-        return torch.cat([params[None], grad[None], grad.clamp(-0.1, 0.1)[None], m, v[None], m * rsqrt,
-                          rsqrt[None], (grad * rsqrt)[None]])
+        1 / sqrt(v), g / sqrt(v)), written row by row into ``out`` (or a new tensor)."""
+        k = len(self.momenta)
+        x = grad.new_empty(self.num_features, grad.numel()) if out is None else out
+        x[0].copy_(params)
+        x[1].copy_(grad)
+        x[2].copy_(grad.clamp(-0.1, 0.1))
+        x[3:3 + k].copy_(m)
+        x[3 + k].copy_(v)
+        rsqrt = x[4 + 2 * k]
+        rsqrt.copy_((v + 1e-12).rsqrt())
+        x[4 + k:4 + 2 * k].copy_(m * rsqrt)
+        x[5 + 2 * k].copy_(grad * rsqrt)
+        return x
 
     def tensor_features(self, mean_sq: Tensor, layout: Layout, progress: float) -> Tensor:
         """``[T, nt]`` inputs of the per-tensor LSTM from the features' per-tensor mean squares ``[F, T]``."""
@@ -163,24 +173,34 @@ class VeLORule(LearnedRule):
 
     # --- the update ----------------------------------------------------------------------------
 
+    def _work(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A scratch tensor kept between steps (no-grad use): the ``[F, numel]`` blocks of a large group
+        are bigger than what the C allocator recycles, and allocating them afresh at every step costs
+        more than the step's arithmetic."""
+        buf = self._scratch.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._scratch[name] = like.new_empty(shape)
+        return buf
+
     def forward(self, grad: Tensor, params: Tensor, state: dict[str, Tensor], layout: Layout,
                 progress: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
-        sizes, hdim = layout.sizes, self.hidden
+        sizes, hdim, n = layout.sizes, self.hidden, grad.numel()
+        fast = not torch.is_grad_enabled()  # use (no meta-gradient): scratch blocks and in-place ops
         grad = grad.clamp(-1000.0, 1000.0)
         betas = self.betas.to(grad.dtype)[:, None]
         m = torch.lerp(state["m"], grad.expand_as(state["m"]), 1 - betas)
         v = torch.lerp(state["v"], grad * grad, 1 - self.rms_beta)
-        x = self.features(grad, params, m, v)
+        x = self.features(grad, params, m, v, self._work("x", (self.num_features, n), grad) if fast else None)
         mean_sq = segment_mean_square(x, sizes)  # [F, T]
         lr_log, gain_log, bias, h, c = self.tensor_controls(self.tensor_features(mean_sq, layout, progress),
                                                            state["h"], state["c"])
         # second-moment normalisation and the per-tensor feature gains, folded into one scale
         x = segment_apply("mul", x, (mean_sq + 1e-12).rsqrt() * gain_log.t().exp(), sizes)
-        a = self.w1 @ x  # [H + 2, numel]
+        a = torch.mm(self.w1, x, out=self._work("a", (hdim + 2, n), grad)) if fast else self.w1 @ x
         hid = segment_apply("add", a[:hdim], self.b1[:, None] + bias.t(), sizes)
-        out = self.w2 @ torch.relu(hid) + a[hdim:] + self.b2[:, None]
-        scale = segment_apply("mul", (-self.step_mult * torch.exp(self.exp_mult * out[1]))[None],
-                              lr_log[None].exp(), sizes)
+        hid = hid.relu_() if fast else hid.relu()
+        out = torch.addmm(a[hdim:], self.w2, hid).add_(self.b2[:, None])  # [2, numel]: direction, log-magnitude
+        scale = segment_apply("mul", torch.exp(self.exp_mult * out[1:]), -self.step_mult * lr_log[None].exp(), sizes)
         update = out[0] * scale[0]
         return update, {"m": m, "v": v, "h": h, "c": c}
 
