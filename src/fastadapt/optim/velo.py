@@ -139,19 +139,21 @@ class VeLORule(LearnedRule):
 
     def features(self, grad: Tensor, params: Tensor, m: Tensor, v: Tensor, out: Tensor | None = None) -> Tensor:
         """``[F, numel]`` raw per-parameter features (rows: p, g, clip(g), m_k, v, m_k / sqrt(v),
-        1 / sqrt(v), g / sqrt(v)), written row by row into ``out`` (or a new tensor)."""
+        1 / sqrt(v), g / sqrt(v)); written in place into ``out`` when given (no gradient)."""
+        if out is None:
+            rsqrt = (v + 1e-12).rsqrt()
+            return torch.cat([params[None], grad[None], grad.clamp(-0.1, 0.1)[None], m, v[None], m * rsqrt,
+                              rsqrt[None], (grad * rsqrt)[None]])
         k = len(self.momenta)
-        x = grad.new_empty(self.num_features, grad.numel()) if out is None else out
-        x[0].copy_(params)
-        x[1].copy_(grad)
-        x[2].copy_(grad.clamp(-0.1, 0.1))
-        x[3:3 + k].copy_(m)
-        x[3 + k].copy_(v)
-        rsqrt = x[4 + 2 * k]
-        rsqrt.copy_((v + 1e-12).rsqrt())
-        x[4 + k:4 + 2 * k].copy_(m * rsqrt)
-        x[5 + 2 * k].copy_(grad * rsqrt)
-        return x
+        out[0].copy_(params)
+        out[1].copy_(grad)
+        torch.clamp(grad, -0.1, 0.1, out=out[2])
+        out[3:3 + k].copy_(m)
+        out[3 + k].copy_(v)
+        rsqrt = torch.add(v, 1e-12, out=out[4 + 2 * k]).rsqrt_()
+        torch.mul(m, rsqrt, out=out[4 + k:4 + 2 * k])
+        torch.mul(grad, rsqrt, out=out[5 + 2 * k])
+        return out
 
     def tensor_features(self, mean_sq: Tensor, layout: Layout, progress: float) -> Tensor:
         """``[T, nt]`` inputs of the per-tensor LSTM from the features' per-tensor mean squares ``[F, T]``."""
