@@ -318,7 +318,7 @@ def test_mixed_glyph_family_draws_varied_trainable_problems(tiny_glyphs):
         params = p.fresh_params()
         loss = p.loss(params, g)
         loss.backward()
-        assert math.isfinite(float(loss)) and all(v.grad is not None for v in params.values())
+        assert math.isfinite(float(loss.detach())) and all(v.grad is not None for v in params.values())
     # the same seed draws the same problem
     a, b = (make_problem("mixed-glyphs", torch.Generator().manual_seed(7)) for _ in range(2))
     assert a.info == b.info and all(torch.equal(a.init[k], b.init[k]) for k in a.init)
