@@ -12,6 +12,7 @@ from .base import Layout, LearnedRule, build_rule, load_rule, save_rule
 from .learned import LearnedOptimizer
 from .lstm import LSTMRule, preprocess_gradient
 from .unroll import Trajectory, unroll
+from . import es, velo  # noqa: F401,E402  (registers the "velo" rule and the "es" / "pes" meta-gradients)
 
 __all__ = ["Layout", "LearnedRule", "LearnedOptimizer", "LSTMRule", "Trajectory", "build_rule", "load_rule",
            "preprocess_gradient", "save_rule", "unroll"]

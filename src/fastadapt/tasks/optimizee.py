@@ -199,6 +199,106 @@ def cifar10_conv(generator: torch.Generator, device: str | torch.device = "cpu",
     return Problem("cifar10-conv", init, loss, {"dataset": "cifar10", "channels": channels, "batch_size": batch_size})
 
 
+# --- a family of small tasks (VeLO-style meta-training) ------------------------------------------
+
+MIXED_DATASETS = ("mnist", "cifar10", "glyphs")
+MIXED_ACTIVATIONS = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+
+
+def _glyph_data(split: str, generator: torch.Generator, classes: int = 10) -> _ImageData:
+    """``classes`` glyph classes (20 images each) drawn from the built-in dataset's ``train`` or ``test``
+    classes, labelled ``0..classes-1``: a small 10-way problem with no download."""
+    from ..data.glyphs import glyph_pools
+
+    if split not in ("train", "test"):
+        raise ConfigError(f"optimizee split must be train or test, got {split!r}")
+    pool = glyph_pools()[split]
+    chosen = torch.randperm(pool.num_classes, generator=generator)[:classes]
+    idx = (pool.offsets[chosen][:, None] + torch.arange(int(pool.counts.min()))).reshape(-1)
+    labels = torch.arange(classes).repeat_interleave(int(pool.counts.min()))
+    return _ImageData(pool.images[idx], labels, torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
+
+
+def _dataset_dir(data_dir: str | None, dataset: str) -> str | None:
+    """A family over several datasets reads ``data_dir/<dataset>`` (a folder laid out like
+    ``$FASTADAPT_DATA``), or the dataset's default folder without ``data_dir``."""
+    if data_dir is None:
+        return None
+    from pathlib import Path
+
+    sub = Path(data_dir) / dataset
+    return str(sub) if sub.is_dir() else data_dir
+
+
+def _choice(options: tuple[Any, ...], g: torch.Generator) -> Any:
+    return options[int(torch.randint(len(options), (1,), generator=g))]
+
+
+def _mixed_problem(name: str, datasets: tuple[str, ...]):
+    def build(generator: torch.Generator, device: str | torch.device = "cpu", split: str = "train",
+              data_dir: str | None = None, batch_size: int = 128) -> Problem:
+        device = torch.device(device)
+        dataset = _choice(datasets, generator)
+        if dataset == "glyphs":
+            data = _glyph_data(split, generator)
+        else:
+            data = _image_data(dataset, split, _dataset_dir(data_dir, dataset))
+        c, hw = data.images.shape[1], data.images.shape[-1]
+        init: Params = {}
+        if _choice(("mlp", "conv"), generator) == "mlp":
+            depth = _choice((1, 2, 3), generator)
+            width = _choice((16, 32, 64), generator)
+            activation = _choice(tuple(MIXED_ACTIVATIONS), generator)
+            small_init = _choice((True, False), generator)  # N(0, 0.01^2) as the paper's MNIST MLP, else fan-in
+            sizes = [c * hw * hw] + [width] * depth + [10]
+            for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+                if small_init:
+                    init[f"w{i}"] = _normal((b, a), 0.01, generator, device)
+                    init[f"b{i}"] = _normal((b,), 0.01, generator, device)
+                else:
+                    init[f"w{i}"] = _uniform_fan_in((b, a), a, generator, device)
+                    init[f"b{i}"] = torch.zeros(b, device=device)
+            info = {"arch": "mlp", "hidden": [width] * depth, "activation": activation, "small_init": small_init}
+        else:
+            depth = _choice((1, 2), generator)
+            channels = _choice((4, 8, 16), generator)
+            activation = _choice(("relu", "tanh"), generator)
+            c_in = c
+            for i in range(depth):
+                init[f"conv{i}"] = _uniform_fan_in((channels, c_in, 3, 3), c_in * 9, generator, device)
+                init[f"conv{i}_b"] = torch.zeros(channels, device=device)
+                c_in = channels
+            flat = channels * (hw // 2 ** depth) ** 2
+            init["out"] = _uniform_fan_in((10, flat), flat, generator, device)
+            init["out_b"] = torch.zeros(10, device=device)
+            info = {"arch": "conv", "channels": [channels] * depth, "activation": activation}
+        act, arch = MIXED_ACTIVATIONS[info["activation"]], info["arch"]
+
+        def loss(params: Params, g: torch.Generator) -> Tensor:
+            x, y = data.batch(batch_size, g, device)
+            if arch == "mlp":
+                h = x.flatten(1)
+                for i in range(depth + 1):
+                    h = F.linear(h, params[f"w{i}"], params[f"b{i}"])
+                    h = act(h) if i < depth else h
+                return F.cross_entropy(h, y)
+            for i in range(depth):
+                x = F.max_pool2d(act(F.conv2d(x, params[f"conv{i}"], params[f"conv{i}_b"], padding=1)), 2)
+            return F.cross_entropy(F.linear(x.flatten(1), params["out"], params["out_b"]), y)
+
+        return Problem(name, init, loss, {"dataset": dataset, "batch_size": batch_size, **info})
+
+    build.__doc__ = (f"A small classifier drawn per problem: an MLP (1-3 hidden layers of 16-64 ReLU, sigmoid or "
+                     f"tanh units) or a convnet (1-2 3x3 convolutions of 4-16 channels with max-pooling) on one of "
+                     f"{', '.join(datasets)} (glyphs: 10 random classes of the built-in dataset).")
+    return build
+
+
+#: VeLO-style "family of small tasks"; ``mixed-glyphs`` needs no dataset on disk.
+OPTIMIZEES.register("mixed")(_mixed_problem("mixed", MIXED_DATASETS))
+OPTIMIZEES.register("mixed-glyphs")(_mixed_problem("mixed-glyphs", ("glyphs",)))
+
+
 def make_problem(name: str, generator: torch.Generator, device: str | torch.device = "cpu", split: str = "train",
                  data_dir: str | None = None) -> Problem:
     """A problem of the family ``name``, its initial parameters drawn from ``generator``."""
