@@ -251,7 +251,8 @@ class SharedMetaBatch:
 
     ``begin_step`` keeps this process's part of the drawn batch, ``end_step`` combines the logged
     metrics (means over the whole meta-batch), the stop requests (one process stopping stops all
-    at the same iteration) and the training time (rank 0's clock) in one all-reduce.
+    at the same iteration: see :meth:`stop`) and the training time (rank 0's clock) in one
+    all-reduce.
     """
 
     def __init__(self, learner: nn.Module, procs: Processes) -> None:
@@ -260,6 +261,7 @@ class SharedMetaBatch:
         self.grads = GradientAverager(params, procs)
         self.stats = RunningStats(learner, procs)
         self.share = 1.0
+        self._stop = False
 
     @contextmanager
     def attached(self) -> Iterator[None]:
@@ -282,11 +284,17 @@ class SharedMetaBatch:
         self.stats.begin()
         return part
 
+    def stop(self, requested: bool) -> bool:
+        """Whether to stop after this iteration, given this process's request as it stands: that
+        request in one process; with several, the requests combined by the last :meth:`end_step`
+        (one arriving later is combined at the end of the next iteration), the same everywhere."""
+        return requested if self.procs.world == 1 else self._stop
+
     def end_step(self, metrics: dict[str, float], stop: bool,
-                 train_seconds: float) -> tuple[dict[str, float], bool, float]:
+                 train_seconds: float) -> tuple[dict[str, float], float]:
         procs = self.procs
         if procs.world == 1:
-            return metrics, stop, train_seconds
+            return metrics, train_seconds
         if self.grads.calls != 1:
             raise ConfigError(f"{getattr(self.learner, 'name', 'this learner')} cannot be trained by several processes: "
                               "its train_step does not call sync_gradients() once per iteration")
@@ -296,4 +304,5 @@ class SharedMetaBatch:
         flat = torch.tensor(values, dtype=torch.float64, device=procs.device)
         dist.all_reduce(flat)
         out = flat.tolist()
-        return dict(zip(keys, out[:len(keys)])), out[-2] > 0, out[-1]
+        self._stop = out[-2] > 0
+        return dict(zip(keys, out[:len(keys)])), out[-1]

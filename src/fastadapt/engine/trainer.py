@@ -376,7 +376,7 @@ def meta_train(
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 # Several processes: whole-batch metrics, a stop anywhere stops all, rank 0's clock.
-                metrics, stop_requested, train_seconds = shared.end_step(
+                metrics, train_seconds = shared.end_step(
                     metrics, stop.requested, train_seconds + time.perf_counter() - t0)
                 step += 1
                 seg_steps += 1
@@ -406,7 +406,7 @@ def meta_train(
                         on_log(row)
                 if s.checkpoint_every and step % s.checkpoint_every == 0:
                     checkpoint()
-                if stop_requested:
+                if shared.stop(stop.requested):
                     checkpoint()
                     raise KeyboardInterrupt
             checkpoint()
