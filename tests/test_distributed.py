@@ -97,12 +97,15 @@ def test_two_processes_reach_the_weights_of_one(tmp_path, capfd):
     jobs = [(argv(m, tmp_path / f"{m}-2"), 0) for m in RUNS]
     # Each process needs a task: a meta-batch of 1 cannot be shared, a clear error on every rank.
     jobs.append((argv("protonet", tmp_path / "refused", "--meta-batch", "1"), 2))
+    # An error while the first process reads the data: the others still get there, and stop too.
+    jobs.append((argv("protonet", tmp_path / "too-many-shots", "--shots", "900"), 2))
     spawn(jobs)
     out = capfd.readouterr()  # the processes' output
     assert "2 processes × 1 thread" in out.out
     assert "error: a batch of 1 tasks cannot be shared by 2 processes" in out.err
     assert "error (rank 1): a batch of 1 tasks" in out.err
     assert not (tmp_path / "refused").exists()  # refused before anything was written
+    assert "error (rank 1): --shots 900" in out.err
     for method in RUNS:
         assert main(argv(method, tmp_path / f"{method}-1")) == 0
         one, two = tmp_path / f"{method}-1", tmp_path / f"{method}-2"

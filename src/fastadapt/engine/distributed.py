@@ -125,12 +125,15 @@ class Processes:
     @contextmanager
     def local_main_first(self) -> Iterator[None]:
         """The first process of each machine runs the block before the others of that machine
-        (a dataset is downloaded and cached once per machine, then read from the cache)."""
+        (a dataset is downloaded and cached once per machine, then read from the cache). If the
+        block fails there, the others still run it, and fail with their own message."""
         if self.world > 1 and self.local_rank != 0:
             dist.barrier()
-        yield
-        if self.world > 1 and self.local_rank == 0:
-            dist.barrier()
+        try:
+            yield
+        finally:
+            if self.world > 1 and self.local_rank == 0:
+                dist.barrier()
 
     def broadcast_module(self, module: nn.Module) -> None:
         """Rank 0's parameters and buffers in every process."""
