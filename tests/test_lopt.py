@@ -299,6 +299,18 @@ def test_every_learned_rule_meta_trains_saves_loads_and_steps(name, tmp_path):
     assert rule.name == name
     model = _small_model()
     opt = LearnedOptimizer(model.parameters(), tmp_path / "lopt.pt")
+    model[4].bias.requires_grad_(False)  # a tensor without a gradient keeps its value
+    bias = model[4].bias.detach().clone()
     losses = _train_steps(model, opt, 3)
     assert all(math.isfinite(v) for v in losses)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.equal(model[4].bias, bias)
+
+
+def test_second_order_meta_gradient_backpropagates():
+    torch.manual_seed(3)
+    rule = LSTMRule()
+    problem, g = _quadratic()
+    traj = Trajectory.start(rule, problem)
+    unroll(rule, traj, 3, 100, g, second_order=True).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in rule.parameters())

@@ -69,7 +69,11 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 
 # Keys that may differ when a run is resumed or evaluated: they do not change what is learned.
 RESUMABLE = {"steps", "max_train_seconds", "device", "checkpoint_every", "log_every", "eval", "val_every", "val_episodes",
-             "data_dir", "download", "progress", "threads", "precision", "compile"}
+             "data_dir", "download", "progress", "threads", "precision", "compile", "processes"}
+
+# What a run records about how it ran, not an option: a preset may hold it (a run's config.yaml
+# reused as --config) and it is ignored there.
+RECORDED = {"processes"}
 
 # Options decided when a run starts (see MetaLearner.decide_run_options): while a flag keeps the
 # "decide for me" value, a resumed run takes the saved decision.
@@ -261,6 +265,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid YAML ({exc})") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of option: value")
+    for key in RECORDED:
+        data.pop(key, None)
     known = set(DEFAULTS) | set(method_options())
     unknown = sorted(set(data) - known)
     if unknown:

@@ -14,6 +14,7 @@ from typing import Sequence
 
 from .. import __version__
 from ..engine.allocator import tune_malloc
+from ..engine.distributed import launch_rank
 from ..engine.trainer import RunInterrupted
 from ..errors import FastAdaptError, UnknownNameError
 from ..measure.threads import set_threads
@@ -64,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             set_threads(args.threads)
         return args.handler(args)
     except FastAdaptError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        rank = launch_rank()  # under torchrun every process reports, the first one without a tag
+        print(f"error{f' (rank {rank})' if rank else ''}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         # The trainer says at which step the run was saved (RunInterrupted); other commands save nothing.

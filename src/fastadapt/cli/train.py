@@ -17,14 +17,17 @@ from .. import models as _models  # noqa: F401  (registers backbones)
 from ..config import (DEFAULTS, adopt_run_decisions, check_same_run, default_run_dir, load_yaml,
                      method_options, resolve, save_yaml, validate)
 from ..data import build_task_source
+from ..engine.distributed import Processes, join_from_env, leave, processes
 from ..engine.evaluate import evaluate, format_result
 from ..measure.threads import cost_context
 from ..engine.runs import open_run, read_run_config
-from ..engine.trainer import CHECKPOINT, CURVE, METRICS, TrainSettings, meta_train, plot_learning_curve
+from ..engine.trainer import (CHECKPOINT, CURVE, METRICS, RunInterrupted, TrainSettings, meta_train,
+                               plot_learning_curve)
 from ..errors import ConfigError, FastAdaptError
 from ..io import atomic_write_text, previous_checkpoint
 from .. import optim as _optim  # noqa: F401  (registers the learned optimizers)
 from ..registry import BACKBONES, DATASETS, LEARNED_RULES, METHODS, OPTIMIZEES
+from ..tasks.episode import check_shareable
 from ..tasks.image_function import KIND as IMAGE_FUNCTION
 
 TRAIN_KEYS = ("dataset", "data_dir", "download", "image_size", "train_split", "ways", "shots", "queries", "steps",
@@ -211,11 +214,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     flags["eval"] = {k: v for k, v in ev.items() if v is not None} or None
     cfg = resolve(args.method, preset, flags)
     _check_device(cfg["device"])
+    # Under torchrun: join the other processes (they share each meta-batch; rank 0 writes and reports).
+    joined = join_from_env(cfg["device"])
+    try:
+        return _train(args, cls, cfg, processes())
+    finally:
+        if joined:
+            leave()
+
+
+def _resume_state(run_dir: Path) -> tuple[bool, dict[str, Any] | None]:
+    """Whether ``run_dir`` holds a run to resume, and its saved configuration: a run being resumed
+    must have a readable one to compare with (a clear error if not)."""
+    resuming = (run_dir / CHECKPOINT).is_file() or previous_checkpoint(run_dir / CHECKPOINT).is_file()
+    return resuming, read_run_config(run_dir) if resuming else None
+
+
+def _train(args: argparse.Namespace, cls: Any, cfg: dict[str, Any], procs: Processes) -> int:
     progress = not args.no_progress
     run_dir = Path(args.out) if args.out else default_run_dir(cfg)
-    resuming = (run_dir / CHECKPOINT).is_file() or previous_checkpoint(run_dir / CHECKPOINT).is_file()
-    # A run being resumed must have a readable configuration to compare with (a clear error if not).
-    saved = read_run_config(run_dir) if resuming else None
+    resuming, saved = procs.from_main(lambda: _resume_state(run_dir))  # only rank 0 sees the run directory
     if saved is not None:
         adopt_run_decisions(saved, cfg)
     settings = TrainSettings(**{k: cfg[k] for k in ("steps", "meta_batch", "lr", "lr_decay_every", "lr_decay",
@@ -224,22 +242,35 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                      "max_train_seconds", "precision")},
                              progress=progress)
     settings.check()
+    check_shareable(cfg["meta_batch"], procs.world)
+    if cfg.get("pretrain_batch"):  # ncm, qiao: batches of images are shared too
+        check_shareable(cfg["pretrain_batch"], procs.world, "images")
 
     # Everything is checked before anything is written: a refused command leaves no trace.
-    data_cfg = {**cfg, "progress": progress}
+    data_cfg = {**cfg, "progress": progress and procs.main}
     torch.manual_seed(cfg["seed"])
-    source = build_task_source(data_cfg, "train", cfg["ways"], cfg["shots"], cfg["queries"])
-    ev = cfg["eval"]
-    test_source = _eval_source(data_cfg, "test", ev)
-    val_source = _eval_source(data_cfg, "val", ev) if cfg["val_every"] else None
+    with procs.local_main_first():  # a download happens once per machine
+        source = build_task_source(data_cfg, "train", cfg["ways"], cfg["shots"], cfg["queries"])
+        ev = cfg["eval"]
+        test_source = _eval_source(data_cfg, "test", ev)
+        val_source = _eval_source(data_cfg, "val", ev) if cfg["val_every"] else None
     learner = cls.from_config(cfg, source.in_shape)
     cfg.update(learner.decide_run_options(cfg["device"]))
     if cfg["compile"]:
         learner.compile_networks()  # refused (ConfigError) where the method needs a double backward
     if saved is not None:
         check_same_run(saved, cfg, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", save_yaml(cfg))
+    cfg["processes"] = procs.world  # may change when the run is resumed
+    if procs.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", save_yaml(cfg))
+    else:
+        settings.progress = False
+        try:
+            meta_train(learner, source, settings, run_dir, val_source)
+        except RunInterrupted:
+            return 130  # rank 0 says where the run was saved
+        return 0  # rank 0 evaluates and writes the results
 
     regression = getattr(source, "kind", "classification") == "regression"
     images = getattr(source, "kind", None) == IMAGE_FUNCTION
@@ -251,7 +282,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                      f"classifier of {cfg.get('base_classes')} classes on batches of {cfg['pretrain_batch']} images")
     print(f"{'resuming' if resuming else 'training'} {cfg['method']} on {cfg['dataset']} "
           f"({_setting(cfg, regression, source)}, {cfg['steps']} iterations, meta-batch {cfg['meta_batch']}, "
-          f"{', '.join(extra + [f'{torch.get_num_threads()} threads'])}) -> {run_dir}", flush=True)
+          f"{', '.join(extra + [procs.describe(torch.get_num_threads())])}) -> {run_dir}", flush=True)
     unseen = "held-out images" if images else f"episodes of unseen {'tasks' if regression else 'classes'}"
     print(f"then testing on {ev['episodes']} {unseen}: {_setting(ev, regression, test_source)}", flush=True)
     result = meta_train(learner, source, settings, run_dir, val_source)
@@ -263,7 +294,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                    desc="test")
     res.update(ways=ev["ways"], shots=ev["shots"], queries=ev["queries"], split="test", step=result.step,
                meta_train_seconds=result.train_seconds, train_episodes_per_s=result.episodes_per_s,
-               train_peak_mem_mb=result.peak_mem_mb, **cost_context())
+               train_peak_mem_mb=result.peak_mem_mb, processes=procs.world, **cost_context())
     _image_setting(res, test_source, cfg)
     atomic_write_text(run_dir / "results.json", json.dumps(res, indent=2) + "\n")
     plot_learning_curve(run_dir / METRICS, run_dir / CURVE)  # again, now with the test result

@@ -6,6 +6,11 @@ meta-iterations, on Ctrl-C / SIGTERM and at the end), ``metrics.jsonl`` (one lin
 iteration depends on (weights, optimiser and schedule state, the episode generator and the
 global RNG), so a resumed run continues the same episode stream and reaches the same weights as
 an uninterrupted one.
+
+Started by ``torchrun`` (a ``torch.distributed`` process group exists), the processes share each
+meta-batch (see :mod:`.distributed`): only rank 0 reads and writes the run directory and shows
+progress, and the checkpoint is the same whatever the number of processes, so a run resumes
+with the same or another number of them.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from ..io import atomic_write_text, load_checkpoint_with_fallback, previous_chec
 from ..methods.base import MetaLearner
 from ..precision import autocast, check_precision
 from ..progress import progress_bar
+from .distributed import SharedMetaBatch, processes
 from .evaluate import evaluate
 from ..measure.memory import PeakMemory
 
@@ -267,6 +273,27 @@ def plot_learning_curve(metrics_path: Path, out_path: Path, keys: tuple[str, ...
     tmp.replace(out_path)
 
 
+def _resume_checkpoint(out: Path | None) -> dict[str, Any] | None:
+    """The checkpoint of the run in ``out`` (``None`` for a new run), falling back to the
+    previous one if the newest cannot be read; log lines written after it are dropped."""
+    if out is None:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    if not ((out / CHECKPOINT).is_file() or previous_checkpoint(out / CHECKPOINT).is_file()):
+        return None
+    fell_back: list[str] = []
+    ck = load_checkpoint_with_fallback(out / CHECKPOINT, map_location="cpu", warn=fell_back.append)
+    if fell_back:
+        print(fell_back[0], file=sys.stderr, flush=True)
+        # Keep the unreadable file for inspection, out of the way of the next save.
+        if (out / CHECKPOINT).is_file():
+            (out / CHECKPOINT).replace(out / (CHECKPOINT + ".unreadable"))
+    # Drop log lines written after the checkpoint by the interrupted run.
+    rows = read_metrics(out / METRICS, upto=int(ck["step"]))
+    atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+    return ck
+
+
 def meta_train(
     learner: MetaLearner,
     source: Any,
@@ -287,33 +314,26 @@ def meta_train(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     learner.to(device)
+    procs = processes()
     optimizer, scheduler = _make_optimizer(learner, s)
     gen = torch.Generator().manual_seed(s.seed)
     torch.manual_seed(s.seed)
     step, train_seconds = 0, 0.0
     saved_step: int | None = None
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        if (out / CHECKPOINT).is_file() or previous_checkpoint(out / CHECKPOINT).is_file():
-            fell_back: list[str] = []
-            ck = load_checkpoint_with_fallback(out / CHECKPOINT, map_location="cpu", warn=fell_back.append)
-            if fell_back:
-                print(fell_back[0], file=sys.stderr, flush=True)
-                # Keep the unreadable file for inspection, out of the way of the next save.
-                if (out / CHECKPOINT).is_file():
-                    (out / CHECKPOINT).replace(out / (CHECKPOINT + ".unreadable"))
-            learner.load_state_dict(ck["model"])
-            learner.load_run_state(ck.get("run_state", {}))
-            optimizer.load_state_dict(ck["optimizer"])
-            scheduler.load_state_dict(ck["scheduler"])
-            gen.set_state(ck["generator"])
-            set_rng_state(ck, device)
-            step, train_seconds = int(ck["step"]), float(ck["train_seconds"])
-            saved_step = step
-            # Drop log lines written after the checkpoint by the interrupted run.
-            rows = read_metrics(out / METRICS, upto=step)
-            atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+    # Only rank 0 touches the run directory; the others get what it read.
+    out = Path(out_dir) if out_dir is not None and procs.main else None
+    ck = procs.from_main(lambda: _resume_checkpoint(out))
+    if ck is not None:
+        learner.load_state_dict(ck["model"])
+        learner.load_run_state(ck.get("run_state", {}))
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        gen.set_state(ck["generator"])
+        set_rng_state(ck, device)
+        step, train_seconds = int(ck["step"]), float(ck["train_seconds"])
+        saved_step = step
+    procs.broadcast_module(learner)  # the same weights everywhere, whatever each process built
+    shared = SharedMetaBatch(learner, procs)
     resumed_from = step
 
     def checkpoint() -> None:
@@ -330,6 +350,7 @@ def meta_train(
                 "generator": gen.get_state(),
                 **rng_state(device),
                 "train_seconds": train_seconds,
+                "processes": procs.world,
             },
             out / CHECKPOINT,
             keep_previous=True,
@@ -340,14 +361,16 @@ def meta_train(
     window: list[dict[str, float]] = []
     last: dict[str, float] = {}
     learner.train()
-    bar = progress_bar(total=s.steps, initial=step, enabled=s.progress, desc=f"meta-train {learner.name}")
+    bar = progress_bar(total=s.steps, initial=step, enabled=s.progress and procs.main,
+                       desc=f"meta-train {learner.name}")
     seg_start, seg_steps = time.perf_counter(), 0
     watch = _DivergenceWatch()
     try:
-        with _StopRequest() as stop, PeakMemory(device) as pm:
+        with _StopRequest() as stop, PeakMemory(device) as pm, shared.attached():
             while step < s.steps and not (s.max_train_seconds and train_seconds >= s.max_train_seconds):
                 t0 = time.perf_counter()
-                batch = learner.draw_batch(source, gen, s.meta_batch, step + 1).to(device, non_blocking=True)
+                batch = shared.begin_step(learner.draw_batch(source, gen, s.meta_batch, step + 1))
+                batch = batch.to(device, non_blocking=True)
                 try:
                     with autocast(device, s.precision):
                         metrics = learner.train_step(batch, optimizer, step + 1)
@@ -356,7 +379,9 @@ def meta_train(
                 scheduler.step()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                train_seconds += time.perf_counter() - t0
+                # Several processes: whole-batch metrics, a stop anywhere stops all, rank 0's clock.
+                metrics, train_seconds = shared.end_step(
+                    metrics, stop.requested, train_seconds + time.perf_counter() - t0)
                 step += 1
                 seg_steps += 1
                 window.append(metrics)
@@ -366,8 +391,8 @@ def meta_train(
                     last = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
                     row: dict[str, Any] = {"step": step, **last, "lr": optimizer.param_groups[0]["lr"],
                                            "train_seconds": round(train_seconds, 3)}
-                    if s.val_every and val_source is not None and (step % s.val_every == 0 or step == s.steps
-                                                                   or out_of_time):
+                    if procs.main and s.val_every and val_source is not None and (
+                            step % s.val_every == 0 or step == s.steps or out_of_time):
                         res = evaluate(learner, val_source, s.val_episodes, seed=s.seed + 1, device=device,
                                        progress=False, precision=s.precision)
                         learner.train()
@@ -375,7 +400,7 @@ def meta_train(
                         row[f"val_{key}"] = res[key]
                     window = []
                     warning = watch.check(step, last.get("loss"))
-                    if warning:
+                    if warning and procs.main:
                         tqdm.write(warning, file=sys.stderr)
                     bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()})
                     if log_file is not None:
@@ -385,7 +410,7 @@ def meta_train(
                         on_log(row)
                 if s.checkpoint_every and step % s.checkpoint_every == 0:
                     checkpoint()
-                if stop.requested:
+                if shared.stop(stop.requested):
                     checkpoint()
                     raise KeyboardInterrupt
             checkpoint()

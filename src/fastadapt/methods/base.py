@@ -9,7 +9,7 @@ loop used at test time is the one that was meta-trained.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,9 @@ class MetaLearner(nn.Module):
     task_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     adapt_requires_grad: ClassVar[bool] = False
     task_kind: ClassVar[str] = "classification"
+    #: Set by a trainer whose meta-batch is shared by several processes, while it trains: turns the
+    #: gradients of this process's share into those of the whole meta-batch (see :meth:`sync_gradients`).
+    gradient_sync: Callable[[], None] | None = None
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], in_shape: tuple[int, ...]) -> "MetaLearner":
@@ -68,8 +71,17 @@ class MetaLearner(nn.Module):
         loss, metrics = self.meta_loss(batch)
         check_finite(loss, f"meta-training step {step}")
         loss.backward()
+        self.sync_gradients()
         optimizer.step()
         return metrics
+
+    def sync_gradients(self) -> None:
+        """Make the ``.grad`` of every parameter the meta-gradient of the whole meta-batch when
+        several processes share it (each computed the mean over its own tasks); nothing to do in
+        one process. Every :meth:`train_step` calls it once, between the backward pass and the
+        first use of the gradients, also when it has none to update."""
+        if self.gradient_sync is not None:
+            self.gradient_sync()
 
     def decide_run_options(self, device: torch.device | str) -> dict[str, Any]:
         """Options whose value is decided when a run starts (``batching: auto`` becomes ``loop`` or

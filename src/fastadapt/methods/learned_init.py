@@ -150,5 +150,6 @@ class RandomInit(LearnedInit):
         with torch.no_grad():
             _, metrics = self._meta_loss(b, self._mode(b))
         optimizer.zero_grad(set_to_none=True)
+        self.sync_gradients()  # none to combine; keeps step with the other processes
         optimizer.step()  # no gradients: changes nothing, keeps a learning-rate schedule in order
         return metrics

@@ -349,6 +349,7 @@ class MAML(MetaLearner):
     def train_step(self, batch: Episode, optimizer: torch.optim.Optimizer, step: int = 0) -> dict[str, float]:
         b = batch if batch.batched else Episode.stack([batch])
         metrics = self._backward(b, self._mode(b), step)
+        self.sync_gradients()
         optimizer.step()
         return metrics
 

@@ -129,6 +129,7 @@ class Reptile(MAML):
         used (Reptile's outer update is this interpolation, not a gradient step of Adam)."""
         b = batch if batch.batched else Episode.stack([batch])
         metrics = self._backward(b, self._mode(b), step)
+        self.sync_gradients()  # several processes: the mean of W_i - theta over the whole meta-batch
         beta = self.outer_step_size(step)
         with torch.no_grad():
             for p in self._adapted().values():

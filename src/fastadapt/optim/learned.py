@@ -83,17 +83,19 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 torch._foreach_add_(params, layout.split(update), alpha=group["lr"])
             else:  # coordinates of gradient-less tensors keep their state and values
                 mask = layout.flatten([torch.full_like(p, float(h)) for p, h in zip(params, has_grad)]).bool()
-                state["rule_state"] = {k: torch.where(_rows(mask, v), v_new, v)
-                                       for (k, v), v_new in zip(state["rule_state"].items(), new.values())}
+                state["rule_state"] = {k: _keep_rows(mask, v, new[k]) for k, v in state["rule_state"].items()}
                 for p, u, h in zip(params, layout.split(update), has_grad):
                     if h:
                         p.add_(u, alpha=group["lr"])
         return loss
 
 
-def _rows(mask: Tensor, like: Tensor) -> Tensor:
-    """``mask [numel]`` broadcast to a state tensor whose coordinate axis is the one of size numel."""
-    axis = next(i for i, n in enumerate(like.shape) if n == mask.numel())
-    shape = [1] * like.dim()
+def _keep_rows(mask: Tensor, old: Tensor, new: Tensor) -> Tensor:
+    """``new`` where ``mask [numel]`` is set along the state's coordinate axis (its axis of size
+    numel), ``old`` elsewhere; a state without such an axis (per-tensor memory) takes ``new``."""
+    axis = next((i for i, n in enumerate(old.shape) if n == mask.numel()), None)
+    if axis is None:
+        return new
+    shape = [1] * old.dim()
     shape[axis] = mask.numel()
-    return mask.view(shape)
+    return torch.where(mask.view(shape), new, old)

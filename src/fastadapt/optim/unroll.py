@@ -59,8 +59,10 @@ def unroll(rule: LearnedRule, traj: Trajectory, length: int, horizon: int, gener
     terms: list[Tensor] = []
     for i in range(length):
         loss = traj.problem.loss(traj.named(flat), generator)
-        keep = meta_grad and i > 0  # the first point is a constant of the truncation
-        (grad,) = torch.autograd.grad(loss, flat, create_graph=meta_grad and second_order, retain_graph=keep)
+        keep = meta_grad and i > 0  # the first point is a constant of the truncation ...
+        # ... but with second_order its gradient's graph is part of the meta-loss.
+        (grad,) = torch.autograd.grad(loss, flat, create_graph=meta_grad and second_order,
+                                      retain_graph=keep or (meta_grad and second_order))
         terms.append(loss if keep else loss.detach())
         traj.losses.append(float(loss.detach()))
         with torch.set_grad_enabled(meta_grad):

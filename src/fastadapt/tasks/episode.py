@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
+
+from ..errors import ConfigError
 
 
 @dataclass
@@ -49,6 +51,10 @@ class Episode:
     def tasks(self) -> list["Episode"]:
         return [self.task(i) for i in range(self.num_tasks)] if self.batched else [self]
 
+    def part(self, start: int, stop: int) -> "Episode":
+        """Tasks ``start..stop-1`` of a batch, still with the task dimension."""
+        return Episode(*(getattr(self, f.name)[start:stop] for f in fields(self)))
+
     @staticmethod
     def stack(episodes: Sequence["Episode"]) -> "Episode":
         """Stack single-task episodes of equal shapes into a batch with a leading task dim."""
@@ -70,6 +76,14 @@ class LabelledBatch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "LabelledBatch":
         return LabelledBatch(self.x.to(device, non_blocking=non_blocking), self.y.to(device, non_blocking=non_blocking))
+
+    @property
+    def num_images(self) -> int:
+        return self.y.shape[0]
+
+    def part(self, start: int, stop: int) -> "LabelledBatch":
+        """Images ``start..stop-1``."""
+        return LabelledBatch(self.x[start:stop], self.y[start:stop])
 
 
 @dataclass
@@ -93,3 +107,39 @@ class EpisodeWithClasses:
         if not self.episode.batched:
             return [(self.episode, self.classes)]
         return [(self.episode.task(i), self.classes[i]) for i in range(self.num_tasks)]
+
+    def part(self, start: int, stop: int) -> "EpisodeWithClasses":
+        """Tasks ``start..stop-1`` of a batch, with their classes."""
+        return EpisodeWithClasses(self.episode.part(start, stop), self.classes[start:stop])
+
+
+def shard(batch: Any, index: int, count: int) -> tuple[Any, int, int]:
+    """Part ``index`` of ``batch`` cut into ``count`` contiguous parts whose sizes differ by at
+    most one, in order (part 0 holds the first items), with its size and the batch's.
+
+    The items are the tasks of a batch of episodes (:class:`Episode` with a task dimension,
+    :class:`EpisodeWithClasses`) or the images of a :class:`LabelledBatch`. A loss that is a mean
+    over the items of a part, weighted by ``size / total`` and summed over the parts, is the mean
+    over the whole batch.
+    """
+    if isinstance(batch, LabelledBatch):
+        total, what = batch.num_images, "images"
+    elif isinstance(batch, (Episode, EpisodeWithClasses)):
+        episode = batch.episode if isinstance(batch, EpisodeWithClasses) else batch
+        if not episode.batched:
+            raise ConfigError(f"a single episode cannot be shared by {count} processes; draw a batch of at least "
+                              f"{count} (--meta-batch)")
+        total, what = batch.num_tasks, "tasks"
+    else:
+        raise ConfigError(f"a batch of type {type(batch).__name__} cannot be split between processes")
+    check_shareable(total, count, what)
+    start, stop = index * total // count, (index + 1) * total // count
+    return batch.part(start, stop), stop - start, total
+
+
+def check_shareable(total: int, count: int, what: str = "tasks") -> None:
+    """Refuse a batch of ``total`` tasks (or images) for ``count`` processes: each needs one."""
+    if total < count:
+        flag = "--meta-batch" if what == "tasks" else "--pretrain-batch"
+        raise ConfigError(f"a batch of {total} {what} cannot be shared by {count} processes (each needs at least "
+                          f"one); raise {flag} to {count} or more, or start fewer processes")
