@@ -128,3 +128,9 @@ def test_resuming_with_an_unreadable_config_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "protonet", *fast(6), "--out", str(run)]) == 2
     err = capsys.readouterr().err
     assert "not valid YAML" in err and "\n" not in err.strip()
+
+
+def test_too_small_images_for_conv4_are_a_one_line_error(tmp_path, capsys):
+    assert main(["train", "protonet", "--image-size", "8", "--steps", "1", "--out", str(tmp_path / "r")]) == 2
+    assert "conv4 needs images of at least 16x16" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .._vmap import under_vmap
+from ..errors import ConfigError
 from ..registry import BACKBONES
 
 
@@ -44,7 +45,7 @@ class Conv4(nn.Module):
         for _ in range(4):
             side //= 2
         if side < 1:
-            raise ValueError(f"Conv4 needs images of at least 16x16, got {image_size}x{image_size}")
+            raise ConfigError(f"conv4 needs images of at least 16x16, got {image_size}x{image_size}; raise --image-size")
         self.out_features = out_channels * side * side
         if channels_last:
             self.to(memory_format=torch.channels_last)
