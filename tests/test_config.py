@@ -136,5 +136,5 @@ def test_banner_shows_the_training_and_the_evaluation_setting(tmp_path, capsys):
                  "--eval-ways", "2", "--eval-shots", "2", "--eval-episodes", "2", "--no-progress",
                  "--out", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
-    assert "3-way 1-shot, 2 queries per class" in out and "batching loop" in out and "threads" in out
+    assert "3-way 1-shot, 2 queries per class" in out and "batching loop" in out and " thread" in out
     assert "then testing on 2 episodes of unseen classes: 2-way 2-shot, 15 queries per class" in out
