@@ -33,24 +33,30 @@ TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
 TEST_EVERY, TEST_RESIDUE = 5, 4
 
 
-def read_idx_images(path: str | os.PathLike) -> Tensor:
-    """The images of a (gzip'd or plain) IDX3 file as ``uint8 [N, 1, rows, cols]``."""
-    path = Path(path)
+def _read_idx(path: Path, magic: int, dims: int, what: str) -> tuple[bytes, tuple[int, ...]]:
+    """The payload and shape of an IDX file (gzip'd or plain) with ``dims`` dimensions."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            header = f.read(16)
-            if len(header) < 16:
-                raise DataError(f"{path} is too short to be an IDX image file; replace it")
-            magic, n, rows, cols = struct.unpack(">IIII", header)
-            if magic != 0x00000803:
-                raise DataError(f"{path} is not an IDX image file (magic {magic:#010x}, expected 0x00000803)")
-            data = f.read(n * rows * cols)
+            header = f.read(4 + 4 * dims)
+            if len(header) < 4 + 4 * dims:
+                raise DataError(f"{path} is too short to be an IDX {what} file; replace it")
+            found, *shape = struct.unpack(">" + "I" * (1 + dims), header)
+            if found != magic:
+                raise DataError(f"{path} is not an IDX {what} file (magic {found:#010x}, expected {magic:#010x})")
+            size = int(np.prod(shape))
+            data = f.read(size)
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise DataError(f"{path} cannot be read ({exc}); replace the file") from exc
-    if len(data) != n * rows * cols:
-        raise DataError(f"{path} is truncated: {len(data)} bytes of pixels for {n} images of {rows}x{cols}; "
+    if len(data) != size:
+        raise DataError(f"{path} is truncated: {len(data)} of {size} bytes of {what}s for shape {tuple(shape)}; "
                         "replace the file")
+    return data, tuple(shape)
+
+
+def read_idx_images(path: str | os.PathLike) -> Tensor:
+    """The images of a (gzip'd or plain) IDX3 file as ``uint8 [N, 1, rows, cols]``."""
+    data, (n, rows, cols) = _read_idx(Path(path), 0x00000803, 3, "image")
     array = np.frombuffer(data, dtype=np.uint8).reshape(n, 1, rows, cols)
     return torch.from_numpy(array.copy())
 
@@ -97,23 +103,9 @@ TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
 
 def read_idx_labels(path: str | os.PathLike) -> Tensor:
     """The labels of a (gzip'd or plain) IDX1 file as ``int64 [N]``."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            header = f.read(8)
-            if len(header) < 8:
-                raise DataError(f"{path} is too short to be an IDX label file; replace it")
-            magic, n = struct.unpack(">II", header)
-            if magic != 0x00000801:
-                raise DataError(f"{path} is not an IDX label file (magic {magic:#010x}, expected 0x00000801)")
-            data = f.read(n)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise DataError(f"{path} cannot be read ({exc}); replace the file") from exc
-    if len(data) != n:
-        raise DataError(f"{path} is truncated: {len(data)} labels of {n}; replace the file")
+    data, _ = _read_idx(Path(path), 0x00000801, 1, "label")
     labels = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).astype(np.int64))
-    if int(labels.max()) > 9:
+    if len(labels) and int(labels.max()) > 9:
         raise DataError(f"{path} has labels above 9; it is not an MNIST label file")
     return labels
 

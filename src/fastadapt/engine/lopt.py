@@ -36,6 +36,7 @@ from ..optim.unroll import META_GRADIENTS, Trajectory, unroll
 from ..progress import progress_bar
 from ..registry import LEARNED_RULES, OPTIMIZEES
 from ..tasks.optimizee import Problem, make_problem
+from .runs import read_run_config
 from .trainer import _StopRequest, RunInterrupted
 
 CHECKPOINT, METRICS, CURVE, RULE_FILE = "checkpoint.pt", "metrics.jsonl", "learning_curve.png", "lopt.pt"
@@ -394,16 +395,8 @@ def plot_curves(summary: dict[str, Any], path: str | Path) -> None:
 
 
 def read_lopt_config(run_dir: Path) -> dict[str, Any] | None:
-    """The ``config.yaml`` of a ``lopt train`` run folder, or ``None`` when there is none."""
-    import yaml
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
+    """The ``config.yaml`` of a ``lopt train`` run folder (a clear error when it is unreadable), or
+    ``None`` when there is none."""
+    if not (run_dir / "config.yaml").is_file():
         return None
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise DataError(f"{path} cannot be read ({exc}); fix or delete it") from None
-    if not isinstance(cfg, dict):
-        raise DataError(f"{path} is not a lopt run configuration; fix or delete it")
-    return cfg
+    return read_run_config(run_dir, required=("optimizer", "optimizee"))

@@ -53,9 +53,9 @@ def _one_line(text: object, limit: int = 300) -> str:
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
-def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+def read_run_config(run_dir: str | Path, required: tuple[str, ...] = ("method", "dataset")) -> dict[str, Any]:
     """The configuration saved in ``run_dir/config.yaml``; :class:`ConfigError` if ``run_dir``
-    is not a run folder."""
+    is not a run folder (``required``: the keys its configuration must name)."""
     run_dir = Path(run_dir)
     path = run_dir / CONFIG
     if not path.is_file():
@@ -65,8 +65,8 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid YAML ({_one_line(exc, 150)}); restore it from the run's "
                           "training command") from exc
-    if not isinstance(cfg, dict) or not cfg.get("method") or not cfg.get("dataset"):
-        raise ConfigError(f"{path} does not hold a run configuration (method, dataset, ...); is {run_dir} "
+    if not isinstance(cfg, dict) or not all(cfg.get(k) for k in required):
+        raise ConfigError(f"{path} does not hold a run configuration ({', '.join(required)}, ...); is {run_dir} "
                           "the --out folder of a training run?")
     return cfg
 
