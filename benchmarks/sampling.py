@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
-from _common import save
+from _common import save, task_data_config
 
 from fastadapt.data import build_task_source
 from fastadapt.engine.stats import median
@@ -27,8 +26,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cfg = ({"dataset": "omniglot", "data_dir": args.data_dir, "download": False, "progress": False}
-           if Path(args.data_dir, "images_background").is_dir() else {"dataset": "builtin"})
+    cfg = task_data_config(args.data_dir)
     out = {}
     for ways, shots, queries in ((5, 1, 15), (5, 5, 15), (20, 5, 15), (60, 5, 5)):
         source = build_task_source(cfg, "train", ways, shots, queries)
