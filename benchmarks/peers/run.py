@@ -389,6 +389,13 @@ def fmt(x: float, digits: int = 2) -> str:
     return "n/a" if x is None or x != x else (f"{x:.{digits}e}" if abs(x) < 1e-2 and x != 0 else f"{x:.{digits}f}")
 
 
+def timing_cells(name: str, row: dict, base: float) -> str:
+    """The first cells of a table row: name, seconds, ratio to fastadapt, peak memory."""
+    mem = row.get("memory", {})
+    m = f"{mem['peak_rss_mb']:.0f} (+{mem['added_mb']:.0f})" if "peak_rss_mb" in mem else "n/a"
+    return f"| {name} | {row['seconds']:.3f} | {row['seconds'] / base:.2f}x | {m} |"
+
+
 def tables(result: dict) -> str:
     lines = []
     load = result.get("load_avg_at_start")
@@ -404,11 +411,9 @@ def tables(result: dict) -> str:
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         base = rows["fastadapt (loop)"]["seconds"]
         for k, r in rows.items():
-            mem = r.get("memory", {})
-            m = f"{mem['peak_rss_mb']:.0f} (+{mem['added_mb']:.0f})" if "peak_rss_mb" in mem else "n/a"
             g = r["grad_diff"]
-            lines.append(f"| {k} | {r['seconds']:.3f} | {r['seconds'] / base:.2f}x | {m} | {fmt(g['float32_whole'])} "
-                         f"({fmt(g['float32_max_tensor'])}) | {fmt(g['float64_whole'])} ({fmt(g['float64_max_tensor'])}) | "
+            lines.append(timing_cells(k, r, base) + f" {fmt(g['float32_whole'])} ({fmt(g['float32_max_tensor'])}) | "
+                         f"{fmt(g['float64_whole'])} ({fmt(g['float64_max_tensor'])}) | "
                          f"{fmt(g['float32_error_vs_float64_whole'])} |")
     pr = result.get("protonet")
     if pr:
@@ -418,9 +423,7 @@ def tables(result: dict) -> str:
                   "| --- | ---: | ---: | ---: | ---: |"]
         base = pr["fastadapt"]["seconds"]
         for k, r in pr.items():
-            mem = r.get("memory", {})
-            m = f"{mem['peak_rss_mb']:.0f} (+{mem['added_mb']:.0f})" if "peak_rss_mb" in mem else "n/a"
-            lines.append(f"| {k} | {r['seconds']:.3f} | {r['seconds'] / base:.2f}x | {m} | {r['loss']:.5f} |")
+            lines.append(timing_cells(k, r, base) + f" {r['loss']:.5f} |")
     sp = result.get("sampling")
     if sp:
         names = list(next(iter(sp.values())))
