@@ -28,6 +28,23 @@ def run_cli(argv: list[str]) -> None:
         sys.exit(f"fastadapt {' '.join(argv)} failed with exit code {code}")
 
 
+def task_data_config(data_dir: str | Path) -> dict[str, Any]:
+    """The dataset part of a run configuration: Omniglot from ``data_dir`` when it is there (no
+    download), else the built-in glyphs."""
+    if Path(data_dir, "images_background").is_dir():
+        return {"dataset": "omniglot", "data_dir": str(data_dir), "download": False, "progress": False}
+    return {"dataset": "builtin"}
+
+
+def rss_mb(field: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak) of this process from ``/proc/self/status``, in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
 def save_figure(fig: Any, name: str) -> Path:
     """Save a matplotlib figure as ``benchmarks/results/<name>.png``."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 
+from _common import rss_mb
+
 METHODS = {
     "maml": ("maml", {}),
     "maml+checkpoint": ("maml", {"grad_checkpoint": True}),
@@ -34,14 +36,6 @@ METHODS = {
     "reptile": ("reptile", {"inner_optim": "sgd", "inner_lr": 0.1}),
 }
 STEPS = (1, 2, 5, 10, 20)
-
-
-def rss_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def worker(label: str, steps: int, tasks: int, iters: int) -> dict:

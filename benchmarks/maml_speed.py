@@ -47,13 +47,15 @@ def plain_forward(params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.flatten(1), params[16], params[17])
 
 
-def plain_maml_grads(params, batch, inner_lr, steps):
+def plain_maml_grads(params, batch, inner_lr, steps, first_order=False):
+    """Meta-gradient of ``batch`` in ``params[i].grad`` (first order: the inner gradients are
+    constants, FOMAML)."""
     total = 0.0
     for i in range(batch.num_tasks):
         fast = params
         for _ in range(steps):
             loss = F.cross_entropy(plain_forward(fast, batch.support_x[i]), batch.support_y[i])
-            grads = torch.autograd.grad(loss, fast, create_graph=True)
+            grads = torch.autograd.grad(loss, fast, create_graph=not first_order)
             fast = [p - inner_lr * g for p, g in zip(fast, grads)]
         total = total + F.cross_entropy(plain_forward(fast, batch.query_x[i]), batch.query_y[i])
     (total / batch.num_tasks).backward()

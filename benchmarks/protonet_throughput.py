@@ -22,12 +22,12 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _common import task_data_config
 from fastadapt.data import build_task_source
 from fastadapt.measure.stats import median
 from fastadapt.methods.protonet import ProtoNet
@@ -55,8 +55,7 @@ def plain_loss(model: nn.Module, xs: torch.Tensor, xq: torch.Tensor) -> torch.Te
 
 
 def child(args: argparse.Namespace) -> dict:
-    cfg = ({"dataset": "omniglot", "data_dir": args.data_dir, "download": False, "progress": False}
-           if Path(args.data_dir, "images_background").is_dir() else {"dataset": "builtin"})
+    cfg = task_data_config(args.data_dir)
     source = build_task_source(cfg, "train", WAYS, SHOTS, QUERIES)
     torch.manual_seed(0)
     ours = ProtoNet(Conv4())

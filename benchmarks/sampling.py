@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import save
+from _common import save, task_data_config
 
 from fastadapt.data import build_task_source
 from fastadapt.data.cache import cache_dir
@@ -115,8 +115,7 @@ def main() -> None:
     ap.add_argument("--rgb-episodes", type=int, default=300, help="--mmap: episodes per repeat on that pool")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cfg = ({"dataset": "omniglot", "data_dir": args.data_dir, "download": False, "progress": False}
-           if Path(args.data_dir, "images_background").is_dir() else {"dataset": "builtin"})
+    cfg = task_data_config(args.data_dir)
     (side_by_side if args.mmap else in_memory_only)(cfg, args)
 
 
