@@ -46,7 +46,10 @@ def main() -> None:
         return [p.grad.detach().clone().double() for p in lrn.model.parameters()]
 
     def plain(b, dtype):
-        params = [p.detach().clone().to(dtype).contiguous().requires_grad_() for p in learner.model.parameters()]
+        # NCHW tensors: fastadapt's Conv-4 is channels-last on the CPU, and ``.contiguous()`` would keep the
+        # first convolution's weight (one input channel) in that layout.
+        params = [p.detach().clone(memory_format=torch.contiguous_format).to(dtype).requires_grad_()
+                  for p in learner.model.parameters()]
         return [x.double() for x in plain_maml_grads(params, b, 0.4, 1)]
 
     def rel(a, ref):
