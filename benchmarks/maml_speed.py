@@ -77,7 +77,9 @@ def worker(reps: int, tasks: int, queries: int) -> dict:
     learner = MAML.from_config({"ways": ways, "inner_steps": 1, "inner_lr": 0.4}, (1, 28, 28))
     names = [n for n, _ in learner.model.named_parameters()]
     # The plain model holds the same weights in plain (NCHW) tensors.
-    plain = [p.detach().clone().contiguous().requires_grad_() for p in learner.model.parameters()]
+    # (clone into NCHW explicitly: ``.contiguous()`` would keep the channels-last layout of the first
+    # convolution's weight, whose one input channel makes it contiguous in both layouts)
+    plain = [p.detach().clone(memory_format=torch.contiguous_format).requires_grad_() for p in learner.model.parameters()]
 
     def run_plain():
         for p in plain:
