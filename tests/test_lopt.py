@@ -147,6 +147,7 @@ def test_learned_optimizer_state_dict_round_trip_reproduces_the_next_step(tmp_pa
     save_rule(LSTMRule(), tmp_path / "lopt.pt", {"horizon": 50})
     model = _small_model()
     opt = LearnedOptimizer(model.parameters(), tmp_path / "lopt.pt")
+    assert opt.param_groups[0]["horizon"] == 50  # the meta-training horizon saved with the rule
     _train_steps(model, opt, 3)
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ck.pt")
 

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .precision import PRECISIONS
 from .registry import DATASETS, METHODS
 
 DEFAULTS: dict[str, Any] = {
@@ -122,7 +123,7 @@ SPECS: dict[str, dict[str, Any]] = {
     "val_episodes": _spec("int", low=1),
     "max_train_seconds": _spec("float", low=0),
     "threads": _spec("int", low=0),
-    "precision": _spec("str", choices=("fp32", "bf16")),
+    "precision": _spec("str", choices=PRECISIONS),
     "compile": _spec("bool"),
     "eval.ways": _spec("int", low=1),
     "eval.shots": _spec("int", low=1),

@@ -26,6 +26,7 @@ from ..engine.trainer import (CHECKPOINT, CURVE, METRICS, RunInterrupted, TrainS
 from ..errors import ConfigError, FastAdaptError
 from ..io import atomic_write_text, previous_checkpoint
 from .. import optim as _optim  # noqa: F401  (registers the learned optimizers)
+from ..precision import PRECISIONS
 from ..registry import BACKBONES, DATASETS, LEARNED_RULES, METHODS, OPTIMIZEES
 from ..tasks.episode import check_shareable
 from ..tasks.image_function import KIND as IMAGE_FUNCTION
@@ -78,7 +79,7 @@ CORE_HELP: dict[str, tuple[dict[str, Any], str]] = {
     "val_episodes": ({"type": int}, "episodes per validation"),
     "max_train_seconds": ({"type": float}, "time budget: stop training (checkpointed) after this many seconds; 0: none"),
     "threads": ({"type": int}, "CPU threads (0: $OMP_NUM_THREADS if set, else one per core); recorded with every cost figure"),
-    "precision": ({"choices": ["fp32", "bf16"]}, "bf16: bfloat16 autocast of convolutions and matrix products, float32 "
+    "precision": ({"choices": list(PRECISIONS)}, "bf16: bfloat16 autocast of convolutions and matrix products, float32 "
                                                  "weights and updates (see fastadapt.precision)"),
     "compile": ({"action": argparse.BooleanOptionalAction}, "torch.compile the learner's networks (first use compiles: "
                                                             "minutes on a CPU)"),

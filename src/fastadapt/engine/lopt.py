@@ -30,7 +30,8 @@ from ..io import (atomic_write_text, load_checkpoint_with_fallback, previous_che
                   save_checkpoint)
 from ..measure.stats import median
 from ..measure.threads import cost_context
-from ..optim.base import LearnedRule, build_rule, rule_blob, rule_from_blob, save_rule
+from ..optim.base import LearnedRule, build_rule, load_rule, rule_blob, save_rule
+from ..optim.base import rule_path as resolved_rule_path
 from ..optim.learned import LearnedOptimizer
 from ..optim.unroll import META_GRADIENTS, Trajectory, unroll
 from ..progress import progress_bar
@@ -316,15 +317,9 @@ def evaluate_optimizers(rule_path: str | Path | None, optimizee: str, steps: int
         optimizers[b] = (lambda name, rate: (lambda p: BASELINES[name](p, rate)))(b, lr)
     rule_meta: dict[str, Any] = {}
     if rule_path is not None:
-        from ..io import load_checkpoint
-
-        path = Path(rule_path)
-        path = path / RULE_FILE if path.is_dir() else path
-        blob = load_checkpoint(path)
-        rule = rule_from_blob(blob, str(path)).to(device)
-        rule_meta = {"path": str(path), "rule": blob["rule"], **blob.get("meta", {})}
-        horizon = int(rule_meta.get("horizon", steps))
-        optimizers = {learned_name: lambda p: LearnedOptimizer(p, rule, horizon=horizon), **optimizers}
+        rule = load_rule(rule_path, device)
+        rule_meta = {"path": resolved_rule_path(rule_path), "rule": rule.name, **rule.meta}
+        optimizers = {learned_name: lambda p: LearnedOptimizer(p, rule), **optimizers}
     results: dict[str, Any] = {}
     for name, make in progress_bar(optimizers.items(), enabled=progress, total=len(optimizers),
                                    desc=f"evaluating on {optimizee}", unit="opt"):

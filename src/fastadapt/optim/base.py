@@ -79,6 +79,8 @@ class LearnedRule(nn.Module):
     def __init__(self, **hparams: Any) -> None:
         super().__init__()
         self.hparams = dict(hparams)
+        #: How the rule was meta-trained (``optimizee``, ``horizon``, ...); filled by :func:`load_rule`.
+        self.meta: dict[str, Any] = {}
 
     def init_state(self, params: Tensor, layout: Layout) -> dict[str, Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -109,6 +111,7 @@ def rule_from_blob(blob: dict[str, Any], where: str) -> LearnedRule:
     if blob.get("version", 0) > VERSION:
         raise DataError(f"{where} was written by a newer fastadapt (format {blob['version']}); upgrade to read it")
     rule = build_rule(blob["rule"], **blob["hparams"])
+    rule.meta = dict(blob.get("meta", {}))  # how it was meta-trained (optimizee, horizon, ...)
     try:
         rule.load_state_dict(blob["state_dict"])
     except RuntimeError as exc:
@@ -116,11 +119,16 @@ def rule_from_blob(blob: dict[str, Any], where: str) -> LearnedRule:
     return rule
 
 
-def load_rule(path: str | os.PathLike, device: str | torch.device = "cpu") -> LearnedRule:
-    """A rule saved by :func:`save_rule` (or a ``lopt train`` run folder, whose ``lopt.pt`` it reads)."""
+def rule_path(path: str | os.PathLike) -> str:
+    """``path``, or the ``lopt.pt`` in it when it is a ``lopt train`` run folder."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "lopt.pt")
+    return os.path.join(path, "lopt.pt") if os.path.isdir(path) else path
+
+
+def load_rule(path: str | os.PathLike, device: str | torch.device = "cpu") -> LearnedRule:
+    """A rule saved by :func:`save_rule` (or a ``lopt train`` run folder, whose ``lopt.pt`` it reads),
+    with ``meta`` telling how it was meta-trained."""
+    path = rule_path(path)
     if not os.path.isfile(path):
         raise ConfigError(f"no learned optimizer at {path}; train one with 'fastadapt lopt train --out DIR'")
     return rule_from_blob(load_checkpoint(path), path).to(device)

@@ -39,8 +39,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             rule = load_rule(rule)
         if lr < 0:
             raise ConfigError(f"lr must be >= 0, got {lr}")
-        saved_horizon = getattr(rule, "meta", {}).get("horizon") if hasattr(rule, "meta") else None
-        horizon = horizon or saved_horizon or 100
+        horizon = horizon or rule.meta.get("horizon") or 100
         if horizon < 1:
             raise ConfigError(f"horizon must be >= 1, got {horizon}")
         super().__init__(params, {"lr": lr, "horizon": horizon})
