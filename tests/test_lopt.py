@@ -262,9 +262,12 @@ def test_lopt_cli_train_eval_and_errors(tmp_path, capsys):
     assert "multiple of --unroll" in capsys.readouterr().err
     assert main(["lopt", "train", "--optimizee", "nope", "--out", str(tmp_path / "y")]) == 2
     assert "unknown optimizee" in capsys.readouterr().err
+    assert main(["lopt", "train", "--optimizee", "mnist-mlp", "--data-dir", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "z")]) == 2
+    assert "MNIST" in capsys.readouterr().err
     assert main(["lopt", "eval", str(tmp_path)]) == 2
     assert "no learned optimizer" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert not any((tmp_path / d).exists() for d in ("x", "y", "z"))
 
 
 def test_evaluation_gives_every_optimizer_the_same_problems():

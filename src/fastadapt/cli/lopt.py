@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from .. import optim as _optim  # noqa: F401  (registers the learned rules)
@@ -18,6 +19,7 @@ from ..engine.trainer import plot_learning_curve
 from ..errors import ConfigError
 from ..io import atomic_write_text, previous_checkpoint
 from ..registry import LEARNED_RULES, OPTIMIZEES
+from ..tasks.optimizee import make_problem
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -125,6 +127,8 @@ def cmd_lopt_train(args: argparse.Namespace) -> int:
         if diff:
             raise ConfigError(f"{out} holds a run with other settings ({', '.join(f'{k}: {saved[k]!r}' for k in diff)}); "
                               "use the same settings to resume, or another --out")
+    # The optimizee's data is read before anything is written: a missing dataset leaves no folder.
+    make_problem(s.optimizee, torch.Generator().manual_seed(s.seed), s.device, "train", s.data_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
     print(f"{'resuming' if resuming else 'meta-training'} {s.optimizer} on {s.optimizee}: {s.trajectories} "
