@@ -95,7 +95,8 @@ def commit() -> str:
                                cwd=Path(__file__).resolve().parents[1]).stdout.strip()
         return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        # A copy of the tree without git (a remote machine): the commit it was copied from, if given.
+        return os.environ.get("FASTADAPT_COMMIT", "unknown")
 
 
 # The commit the benchmark started from (the code that produced its figures), taken at import.

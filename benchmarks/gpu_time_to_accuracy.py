@@ -32,15 +32,18 @@ from fastadapt.engine.trainer import TrainSettings, meta_train  # noqa: E402
 from fastadapt.registry import METHODS  # noqa: E402
 
 RUNS = {
-    "protonet": {"ways": 60, "shots": 5, "queries": 15, "meta_batch": 1, "lr": 1e-3, "target": 98.25},
+    "protonet": {"ways": 60, "shots": 5, "queries": 15, "meta_batch": 1, "lr": 1e-3, "target": 98.25,
+                 "eval_every": 1000},
     "maml": {"ways": 5, "shots": 1, "queries": 15, "meta_batch": 32, "lr": 1e-3, "target": 98.37,
+             "eval_every": 200,
              "options": {"inner_lr": 0.4, "inner_steps": 1}},
 }
 
 
-def run(method: str, data: dict[str, Any], device: str, precision: str, budget: float, eval_every: int,
+def run(method: str, data: dict[str, Any], device: str, precision: str, budget: float, eval_every: int | None,
         val_episodes: int, test_episodes: int, quick: bool) -> dict[str, Any]:
     r = RUNS[method]
+    eval_every = eval_every or r["eval_every"]
     sizes = {"ways": 5 if quick else r["ways"], "shots": r["shots"], "queries": 5 if quick else r["queries"]}
     cfg = resolve(method, {}, {**data, **sizes, **r.get("options", {})})
     source = build_task_source({**cfg, "progress": False}, "train", sizes["ways"], sizes["shots"], sizes["queries"])
@@ -77,7 +80,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"))
     ap.add_argument("--budget", type=float, default=150.0, help="training seconds per method (default 150)")
-    ap.add_argument("--eval-every", type=int, default=100, help="iterations between test points (default 100)")
+    ap.add_argument("--eval-every", type=int, default=None,
+                    help="iterations between test points (default: ProtoNet 1000, MAML 200, about 4 s of the "
+                         "references' training each)")
     ap.add_argument("--val-episodes", type=int, default=200)
     ap.add_argument("--test-episodes", type=int, default=1000)
     ap.add_argument("--methods", default="protonet,maml")
