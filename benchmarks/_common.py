@@ -86,6 +86,10 @@ def require_clean_tree() -> None:
 
 
 def commit() -> str:
+    """``HEAD`` (``+dirty`` with uncommitted changes), or ``$FASTADAPT_COMMIT`` where it is set: a copy
+    of the tree on another machine, whose git metadata may be older than the files."""
+    if os.environ.get("FASTADAPT_COMMIT"):
+        return os.environ["FASTADAPT_COMMIT"]
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).parent).stdout.strip()
@@ -95,8 +99,7 @@ def commit() -> str:
                                cwd=Path(__file__).resolve().parents[1]).stdout.strip()
         return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        # A copy of the tree without git (a remote machine): the commit it was copied from, if given.
-        return os.environ.get("FASTADAPT_COMMIT", "unknown")
+        return "unknown"
 
 
 # The commit the benchmark started from (the code that produced its figures), taken at import.
