@@ -39,6 +39,17 @@ def test_deterministic_by_seed_and_varies_across_seeds():
     assert not torch.equal(a.query_x, c.query_x)
 
 
+def test_a_batch_is_the_episodes_drawn_one_after_another():
+    # sample_batch gathers all tasks in one pass; it must give what sequential draws give.
+    sampler = EpisodeSampler(make_pool(), ways=5, shots=2, queries=3)
+    batch = sampler.sample_batch(torch.Generator().manual_seed(3), 4)
+    g = torch.Generator().manual_seed(3)
+    one_by_one = Episode.stack([sampler.sample(g) for _ in range(4)])
+    for name in ("support_x", "support_y", "query_x", "query_y"):
+        assert torch.equal(getattr(batch, name), getattr(one_by_one, name)), name
+    assert batch.support_x.shape == (4, 10, 1, 8, 8) and batch.query_y.shape == (4, 15)
+
+
 def test_all_classes_and_images_are_reachable():
     sampler = EpisodeSampler(make_pool(classes=6, per_class=5), ways=3, shots=1, queries=1)
     g = torch.Generator().manual_seed(0)

@@ -35,6 +35,9 @@ def _reset_vmhwm() -> bool:
         return False
 
 
+_OPEN: list["PeakMemory"] = []  # the blocks being measured, outermost first
+
+
 class PeakMemory:
     """Context manager: ``with PeakMemory(device) as pm: ...; pm.peak_mb``."""
 
@@ -43,7 +46,23 @@ class PeakMemory:
         self.peak_mb = 0.0
         self.kind = ""
 
+    def _read(self) -> float:
+        """The peak since the last reset, in MB."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        hwm = _read_vmhwm_mb() if self.kind == "cpu_peak_rss" else None
+        if hwm is None:
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            hwm = rss / 2**20 if sys.platform == "darwin" else rss / 1024.0
+        return hwm
+
     def __enter__(self) -> "PeakMemory":
+        # A block inside another (an evaluation inside training) resets the same counter: the
+        # enclosing blocks first keep the peak they have seen so far.
+        for outer in _OPEN:
+            outer._seen = max(outer._seen, outer._read())
+        self._seen = 0.0
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -52,15 +71,9 @@ class PeakMemory:
             self.kind = "cpu_peak_rss"
         else:
             self.kind = "cpu_peak_rss_process"
+        _OPEN.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        else:
-            hwm = _read_vmhwm_mb() if self.kind == "cpu_peak_rss" else None
-            if hwm is None:
-                rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                hwm = rss / 2**20 if sys.platform == "darwin" else rss / 1024.0
-            self.peak_mb = hwm
+        _OPEN.remove(self)
+        self.peak_mb = max(self._seen, self._read())

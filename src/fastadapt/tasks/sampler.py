@@ -145,26 +145,31 @@ class EpisodeSampler:
         return self._draw(generator)[0]
 
     def _episode(self, idx: Tensor) -> Episode:
+        """The episode of row indices ``idx [ways, shots + queries]``, or the batch of episodes of
+        ``idx [tasks, ways, shots + queries]``, gathered and converted in one pass."""
         # index_select is several times faster than advanced indexing for this gather.
-        x = self.pool.images.index_select(0, idx.reshape(-1)).reshape(*idx.shape, *self.pool.image_shape)
+        shape = self.pool.image_shape
+        x = self.pool.images.index_select(0, idx.reshape(-1)).reshape(*idx.shape, *shape)
         x = x.float().div_(255.0)
-        s = self.shots
-        support = x[:, :s].reshape(-1, *self.pool.image_shape)
-        query = x[:, s:].reshape(-1, *self.pool.image_shape)
-        return Episode(support, self._support_y.clone(), query, self._query_y.clone())
+        lead, s = idx.shape[:-2], self.shots
+        support = x[..., :s, :, :, :].reshape(*lead, -1, *shape)
+        query = x[..., s:, :, :, :].reshape(*lead, -1, *shape)
+        return Episode(support, self._support_y.expand(*lead, -1).clone(), query,
+                       self._query_y.expand(*lead, -1).clone())
 
     def sample(self, generator: torch.Generator) -> Episode:
         return self._episode(self.sample_indices(generator))
 
     def sample_batch(self, generator: torch.Generator, num_tasks: int) -> Episode:
-        """``num_tasks`` episodes stacked with a leading task dimension."""
-        return Episode.stack([self.sample(generator) for _ in range(num_tasks)])
+        """``num_tasks`` episodes stacked with a leading task dimension (the episodes
+        :meth:`sample` would draw one after another)."""
+        return self._episode(torch.stack([self.sample_indices(generator) for _ in range(num_tasks)]))
 
     def sample_batch_with_classes(self, generator: torch.Generator, num_tasks: int) -> EpisodeWithClasses:
         """What :meth:`sample_batch` draws (the same episodes from the same generator state), with
         the pool's ids of each episode's classes (``classes [num_tasks, ways]``)."""
         drawn = [self._draw(generator) for _ in range(num_tasks)]
-        return EpisodeWithClasses(Episode.stack([self._episode(idx) for idx, _ in drawn]),
+        return EpisodeWithClasses(self._episode(torch.stack([idx for idx, _ in drawn])),
                                   torch.stack([classes for _, classes in drawn]))
 
     @property
