@@ -61,7 +61,7 @@ from _common import rss_mb, save, task_data_config  # noqa: E402
 from maml_speed import plain_maml_grads  # noqa: E402
 
 from fastadapt.data import build_task_source  # noqa: E402
-from fastadapt.engine.memory import PeakMemory  # noqa: E402
+from fastadapt.measure.memory import PeakMemory  # noqa: E402
 from fastadapt.methods import FOMAML, MAML, ProtoNet  # noqa: E402
 from fastadapt.models import Conv4  # noqa: E402
 from fastadapt.tasks import Episode, EpisodeSampler  # noqa: E402
