@@ -13,8 +13,8 @@ measured in one run on the same machine so that their ratios compare:
   while the GPU runs the current step;
 - ``all``: every variant above at once.
 
-A ``torch.profiler`` table of the ``base`` variant (top operations by self CPU and by CUDA time)
-is printed and saved with the figures.
+A ``torch.profiler`` table of the ``base`` variant (top operations by self CPU and by CUDA time),
+taken over 20 further steps after the timed ones, is printed and saved with the figures.
 
     python benchmarks/gpu_step_profile.py --device cuda --data-dir ../shared/data/omniglot
 """
@@ -93,8 +93,9 @@ def measure(method: str, data: dict[str, Any], device: torch.device, variant: st
         worker = threading.Thread(target=background, args=(1,))
         worker.start()
     prof = None
-    for i in range(warmup + steps):
-        if i == warmup and profile:
+    profiled = min(steps, 20) if profile else 0
+    for i in range(warmup + steps + profiled):
+        if i == warmup + steps:  # the profiled steps come after the timed ones and are not timed
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
                                           + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
             prof.__enter__()
@@ -113,12 +114,12 @@ def measure(method: str, data: dict[str, Any], device: torch.device, variant: st
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t3 = time.perf_counter()
-        if i >= warmup:
+        if warmup <= i < warmup + steps:
             draw_s.append(d)
             copy_s.append(t2 - t1)
             step_s.append(t3 - t2)
             total_s.append(t3 - t0)
-        if prof is not None and i == warmup + min(steps, 20) - 1:
+        if prof is not None and i == warmup + steps + profiled - 1:
             prof.__exit__(None, None, None)
     if worker is not None:
         worker.join()

@@ -9,6 +9,7 @@ from fastadapt.cli import main
 from fastadapt.config import resolve
 from fastadapt.data import build_task_source
 from fastadapt.methods.protonet import squared_euclidean
+from fastadapt.models.conv4 import use_memory_format
 from fastadapt.precision import autocast
 from fastadapt.registry import METHODS
 from fastadapt.tasks.episode import Episode
@@ -86,11 +87,10 @@ def test_compiled_protonet_matches_eager():
     learner, batch = _learner_and_batch("protonet", 5, 1, 1)
     # The reference: float64 in NCHW (eager float32 channels-last is itself ~1e-2 off on the CPU,
     # see benchmarks/conv4_grad_accuracy.py, so it cannot be the yardstick).
+    use_memory_format(learner, "channels_last")  # the faster CPU layout, compiled
     exact = copy.deepcopy(learner)
-    for module in exact.modules():
-        if hasattr(module, "channels_last"):
-            module.channels_last = False
-    exact = exact.to(memory_format=torch.contiguous_format).double()
+    use_memory_format(exact, "nchw")
+    exact = exact.double()
     loss64, g64 = _grad(exact, batch, torch.float64)
     names = list(learner.state_dict())
     learner.compile_networks()

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .precision import PRECISIONS
+from .precision import MEMORY_FORMATS, PRECISIONS
 from .registry import DATASETS, METHODS
 
 DEFAULTS: dict[str, Any] = {
@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "threads": 0,  # 0: one per core
     "precision": "fp32",
     "compile": False,
+    "memory_format": "auto",
     "eval": {"ways": 5, "shots": 1, "queries": 15, "episodes": 1000},
 }
 
@@ -78,7 +79,9 @@ RECORDED = {"processes"}
 
 # Options decided when a run starts (see MetaLearner.decide_run_options): while a flag keeps the
 # "decide for me" value, a resumed run takes the saved decision.
-UNDECIDED = {"batching": "auto", "anneal_steps": 0}
+UNDECIDED = {"batching": "auto", "anneal_steps": 0, "memory_format": "auto"}
+# What a run saved before an option existed did: Conv-4 was channels-last everywhere.
+LEGACY = {"memory_format": "channels_last"}
 
 
 def method_options() -> dict[str, Any]:
@@ -125,6 +128,7 @@ SPECS: dict[str, dict[str, Any]] = {
     "threads": _spec("int", low=0),
     "precision": _spec("str", choices=PRECISIONS),
     "compile": _spec("bool"),
+    "memory_format": _spec("str", choices=MEMORY_FORMATS),
     "eval.ways": _spec("int", low=1),
     "eval.shots": _spec("int", low=1),
     "eval.queries": _spec("int", low=1),
@@ -314,6 +318,8 @@ def method_defaults(method: str) -> dict[str, Any]:
 
 def adopt_run_decisions(saved: dict[str, Any], cfg: dict[str, Any]) -> None:
     """For a resumed run: options still at their "decide for me" value take the saved decision."""
+    for key, value in LEGACY.items():
+        saved.setdefault(key, value)
     for key, undecided in UNDECIDED.items():
         if cfg.get(key) == undecided and saved.get(key) not in (None, undecided):
             cfg[key] = saved[key]

@@ -25,9 +25,11 @@ import yaml
 
 from ..data import build_task_source
 from ..errors import ConfigError, DataError
-from ..config import method_defaults, validate
+from ..config import LEGACY, method_defaults, validate
 from ..io import load_checkpoint_with_fallback, previous_checkpoint
 from ..methods.base import MetaLearner
+from ..models.conv4 import use_memory_format
+from ..precision import decide_memory_format
 from ..registry import DATASETS, METHODS
 from .trainer import CHECKPOINT
 
@@ -124,6 +126,8 @@ def open_run(run_dir: str | Path, device: str | torch.device | None = None,
         raise DataError(f"{ck_path} holds no model weights; is it a fastadapt training checkpoint?")
 
     learner = cls.from_config(cfg, input_shape(cfg, progress))
+    # The layout the run trained in (a run saved before the option existed: channels-last).
+    use_memory_format(learner, decide_memory_format(cfg.get("memory_format", LEGACY["memory_format"]), dev))
     try:
         learner.load_state_dict(ck["model"])
     except RuntimeError as exc:

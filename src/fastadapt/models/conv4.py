@@ -30,10 +30,10 @@ class Conv4(nn.Module):
     """Conv-4 embedding network: ``[B, C, H, W] -> [B, out_features]``."""
 
     def __init__(self, in_channels: int = 1, hidden: int = 64, out_channels: int = 64, image_size: int = 28,
-                 channels_last: bool = True) -> None:
+                 channels_last: bool = False) -> None:
         super().__init__()
-        # oneDNN runs these small convolutions, BatchNorm and pooling faster in NHWC; the
-        # output is the same up to float rounding.
+        # channels_last: NHWC convolutions, BatchNorm and pooling, faster on GPUs and with oneDNN
+        # on the CPU, but less exact there (see fastadapt.precision.decide_memory_format).
         self.channels_last = channels_last
         self.encoder = nn.Sequential(
             conv_block(in_channels, hidden),
@@ -60,3 +60,12 @@ def build_backbone(name: str, in_shape: tuple[int, ...], **kwargs) -> nn.Module:
     """A registered backbone for inputs of shape ``in_shape = (C, H, W)``."""
     cls = BACKBONES.get(name)
     return cls(in_channels=in_shape[0], image_size=in_shape[-1], **kwargs)
+
+
+def use_memory_format(module: nn.Module, memory_format: str) -> None:
+    """Put every Conv-4 inside ``module`` in ``memory_format`` (``channels_last`` or ``nchw``), in
+    place; the weights keep their values (and checkpoints their names)."""
+    for m in module.modules():
+        if isinstance(m, Conv4):
+            m.channels_last = memory_format == "channels_last"
+            m.to(memory_format=torch.channels_last if m.channels_last else torch.contiguous_format)

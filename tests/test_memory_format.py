@@ -1,0 +1,95 @@
+"""--memory-format: NCHW on the CPU (exact BatchNorm), channels-last on request and on GPUs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+import fastadapt
+from fastadapt.cli import main
+from fastadapt.config import resolve
+from fastadapt.data import build_task_source
+from fastadapt.errors import ConfigError
+from fastadapt.models.conv4 import Conv4, use_memory_format
+from fastadapt.precision import decide_memory_format
+from fastadapt.registry import METHODS
+
+FAST = ["--ways", "3", "--shots", "1", "--queries", "2", "--eval-ways", "3", "--eval-episodes", "2",
+        "--log-every", "1", "--no-progress"]
+
+
+def _is_channels_last(learner):
+    """Per convolution with several input channels (for one, both layouts are the same strides)."""
+    convs = [m.weight for m in learner.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1]
+    return [w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs]
+
+
+def test_auto_is_nchw_on_the_cpu_and_channels_last_on_a_gpu():
+    assert decide_memory_format("auto", "cpu") == "nchw"
+    assert decide_memory_format("auto", "cuda") == "channels_last"
+    assert decide_memory_format("channels_last", "cpu") == "channels_last"
+    with pytest.raises(ConfigError, match="--memory-format must be one of"):
+        decide_memory_format("nhwc", "cpu")
+
+
+def test_the_default_layout_gives_the_float64_gradient_within_float32_rounding():
+    # The reason for the CPU default: its float32 meta-gradient is exact to about 1e-4; this is the
+    # reference every faster path is compared with.
+    cfg = resolve("protonet", {}, {"dataset": "builtin"})
+    source = build_task_source(cfg, "train", 10, 5, 5)
+    torch.manual_seed(0)
+    learner = METHODS.get("protonet").from_config(cfg, source.in_shape)
+    assert _is_channels_last(learner) == [False] * 3
+    b = source.sample_batch(torch.Generator().manual_seed(0), 1)
+
+    def grad(model, dtype):
+        logits = model.logits(b.support_x[0].to(dtype), b.support_y[0], b.query_x[0].to(dtype))
+        loss = F.cross_entropy(logits, b.query_y[0])
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))]).double()
+
+    import copy
+
+    exact = grad(copy.deepcopy(learner).double(), torch.float64)
+    assert float((grad(learner, torch.float32) - exact).norm() / exact.norm()) < 1e-3
+
+
+def test_use_memory_format_keeps_the_weights_and_the_output():
+    torch.manual_seed(0)
+    net = Conv4().eval()  # running statistics stay as they are
+    x = torch.rand(6, 1, 28, 28)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    out = net(x)
+    use_memory_format(net, "channels_last")
+    assert all(_is_channels_last(net))
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    torch.testing.assert_close(net(x), out, rtol=1e-4, atol=1e-4)
+    use_memory_format(net, "nchw")
+    assert not any(_is_channels_last(net))
+
+
+def test_train_records_the_decided_layout_and_resume_keeps_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "protonet", *FAST, "--steps", "2", "--out", str(run)]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["memory_format"] == "nchw"
+    cl = tmp_path / "cl"
+    assert main(["train", "protonet", *FAST, "--steps", "2", "--memory-format", "channels_last", "--out", str(cl)]) == 0
+    assert yaml.safe_load((cl / "config.yaml").read_text())["memory_format"] == "channels_last"
+    learner, _ = fastadapt.load_run(cl)
+    assert all(_is_channels_last(learner))  # evaluated in the layout it trained in
+    # Extending the run keeps its layout; asking for another is refused (it rounds differently).
+    assert main(["train", "protonet", *FAST, "--steps", "3", "--out", str(cl)]) == 0
+    assert yaml.safe_load((cl / "config.yaml").read_text())["memory_format"] == "channels_last"
+    assert main(["train", "protonet", *FAST, "--steps", "4", "--memory-format", "nchw", "--out", str(cl)]) != 0
+    assert "memory_format" in capsys.readouterr().err
+
+
+def test_a_run_saved_before_the_option_resumes_channels_last(tmp_path, capsys):
+    run = tmp_path / "old"
+    assert main(["train", "protonet", *FAST, "--steps", "2", "--memory-format", "channels_last", "--out", str(run)]) == 0
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    del cfg["memory_format"]  # as such a run wrote it
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    learner, _ = fastadapt.load_run(run)
+    assert all(_is_channels_last(learner))
+    assert main(["train", "protonet", *FAST, "--steps", "3", "--out", str(run)]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["memory_format"] == "channels_last"
