@@ -3,11 +3,12 @@
 For ProtoNet (60-way 5-shot 5-query training episodes) and MAML (5-way 1-shot 15 queries,
 meta-batch 32, one inner step, second order) on Omniglot (or the built-in glyphs without it):
 
-1. seconds per training step in fp32, bf16 and, where it applies, compiled fp32 (steps alternate
-   between the settings so machine noise hits all alike; medians);
+1. seconds per training step in fp32, bf16, bf16 with Conv-4 channels-last (the CPU default is
+   NCHW; in bf16 its BatchNorm inexactness is small beside bf16's own) and, where it applies,
+   compiled fp32 (steps alternate between the settings so machine noise hits all alike; medians);
 2. the relative L2 error of the bf16 (and compiled) meta-gradient against fp32 on the same batch;
 3. accuracy after the same short training (``--train-steps``) from the same initial weights in
-   fp32 and in bf16, each evaluated on the same test episodes (mean ± 95% CI).
+   fp32, bf16 and bf16 channels-last, each evaluated on the same test episodes (mean ± 95% CI).
 
 It also measures the machine's matrix-multiply ceiling in fp32 and bf16 so the speed-up can be
 read against what the hardware allows.
@@ -33,6 +34,7 @@ from fastadapt.data import build_task_source  # noqa: E402
 from fastadapt.engine.evaluate import evaluate  # noqa: E402
 from fastadapt.errors import ConfigError  # noqa: E402
 from fastadapt.measure.stats import median  # noqa: E402
+from fastadapt.models.conv4 import use_memory_format  # noqa: E402
 from fastadapt.precision import autocast  # noqa: E402
 from fastadapt.registry import METHODS  # noqa: E402
 
@@ -111,7 +113,10 @@ def main() -> None:
         s = SETTINGS[method]
         learner, source, test = build(method, data)
         batch = source.sample_batch(torch.Generator().manual_seed(0), s["meta_batch"])
-        variants = {"fp32": (learner, "fp32"), "bf16": (learner, "bf16")}
+        channels_last = copy.deepcopy(learner)  # NCHW is the CPU default (exact BatchNorm gradients)
+        use_memory_format(channels_last, "channels_last")
+        variants = {"fp32": (learner, "fp32"), "bf16": (learner, "bf16"),
+                    "bf16 channels-last": (channels_last, "bf16")}
         if not args.no_compile:
             compiled = copy.deepcopy(learner)
             try:
@@ -131,10 +136,12 @@ def main() -> None:
                "grad_rel_error": {k: float((g - ref).norm() / ref.norm()) for k, g in grads.items() if k != "fp32"}}
         row["speedup_vs_fp32"] = {k: row["seconds_per_step"]["fp32"] / v for k, v in row["seconds_per_step"].items()}
         trained = {}
-        for precision in ("fp32", "bf16"):
+        for name, precision, memory_format in (("fp32", "fp32", "nchw"), ("bf16", "bf16", "nchw"),
+                                               ("bf16 channels-last", "bf16", "channels_last")):
             fresh, source, test = build(method, data)
-            trained[precision] = train_then_eval(fresh, source, test, precision, args.train_steps, s["lr"],
-                                                 s["meta_batch"], args.episodes)
+            use_memory_format(fresh, memory_format)
+            trained[name] = train_then_eval(fresh, source, test, precision, args.train_steps, s["lr"],
+                                            s["meta_batch"], args.episodes)
         row["after_training"] = {"steps": args.train_steps, "eval": "5-way 1-shot, 15 queries", **trained}
         out["methods"][method] = {"setting": s, **row}
         print(f"{method}: s/step {row['seconds_per_step']}, speed-up {row['speedup_vs_fp32']}, "
