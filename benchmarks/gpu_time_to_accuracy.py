@@ -11,6 +11,7 @@ budgets (``--budget``) keep the whole script under 8 minutes on one GPU.
 
     python benchmarks/gpu_time_to_accuracy.py --device cuda [--precision bf16] [--budget 150]
     python benchmarks/gpu_time_to_accuracy.py --quick          # CPU, built-in glyphs, seconds
+    python benchmarks/gpu_time_to_accuracy.py --plot results/gpu/tta_*.json --name gpu/tta   # curves only
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import require_clean_tree, save  # noqa: E402
+from _common import require_clean_tree, save, save_figure  # noqa: E402
 
 from fastadapt.config import resolve  # noqa: E402
 from fastadapt.data import build_task_source  # noqa: E402
@@ -74,6 +75,36 @@ def run(method: str, data: dict[str, Any], device: str, precision: str, budget: 
             "peak_mem_mb": result.peak_mem_mb, "reference_accuracy": r["target"], "reference_reached_s": reached}
 
 
+def plot(results: list[Path], name: str) -> Path:
+    """Test accuracy against training seconds of saved result files, one panel per method, with
+    each method's reference (the plain loop's accuracy and time) marked."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(RUNS), figsize=(5.5 * len(RUNS), 4), squeeze=False)
+    for ax, method in zip(axes[0], RUNS):
+        for path in results:
+            data = json.loads(Path(path).read_text())
+            r = data["methods"].get(method)
+            if r is None:
+                continue
+            ax.plot([c["train_seconds"] for c in r["curve"]], [c["accuracy"] for c in r["curve"]], marker=".",
+                    label=f"{data['precision']}, commit {data['commit'][:7]} ({Path(path).stem})")
+        ref_s = {"protonet": 120.0, "maml": 170.0}[method]
+        ax.axhline(RUNS[method]["target"], color="gray", ls="--", lw=1)
+        ax.plot([ref_s], [RUNS[method]["target"]], "k*", ms=10, label=f"plain loop: {RUNS[method]['target']} % at {ref_s:.0f} s")
+        ax.plot([ref_s / 2], [RUNS[method]["target"]], "r*", ms=10, label="goal: the same in half the time")
+        ax.set(title=method, xlabel="training seconds (tests excluded)", ylabel="5-way 1-shot test accuracy (%)",
+               ylim=(85, 100))
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return save_figure(fig, name)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -88,7 +119,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--methods", default="protonet,maml")
     ap.add_argument("--quick", action="store_true", help="CPU check: built-in glyphs, 5-way episodes, seconds")
     ap.add_argument("--name", default=None, help="result file name (default gpu_time_to_accuracy[_quick])")
+    ap.add_argument("--plot", nargs="+", metavar="JSON", help="only draw the curves of saved result files "
+                                                            "(PNG named by --name)")
     args = ap.parse_args(argv)
+    if args.plot:
+        plot([Path(p) for p in args.plot], args.name or "gpu_time_to_accuracy")
+        return {}
     require_clean_tree()
     if args.quick:
         args.budget, args.eval_every, args.val_episodes, args.test_episodes = min(args.budget, 2.0), 2, 10, 20
@@ -102,7 +138,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               args.test_episodes, args.quick) for m in args.methods.split(",")}}
     if torch.cuda.is_available() and args.device.startswith("cuda"):
         out["gpu"] = torch.cuda.get_device_name(0)
-    save(args.name or ("gpu_time_to_accuracy_quick" if args.quick else "gpu_time_to_accuracy"), out)
+    name = args.name or ("gpu_time_to_accuracy_quick" if args.quick else "gpu_time_to_accuracy")
+    path = save(name, out)
+    plot([path], name)
     return out
 
 
