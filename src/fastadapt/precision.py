@@ -62,7 +62,7 @@ def decide_memory_format(memory_format: str, device: torch.device | str) -> str:
     """``channels_last`` or ``nchw`` for ``memory_format`` on ``device``.
 
     ``auto`` is channels-last on a GPU and NCHW on the CPU. On the CPU channels-last is faster
-    (oneDNN; about 1.26x for a 60-way ProtoNet step) but PyTorch's CPU BatchNorm sums a
+    (oneDNN; about 1.38x for a 60-way ProtoNet step, ``benchmarks/protonet_throughput.py``) but PyTorch's CPU BatchNorm sums a
     channels-last input in plain float32 order, so Conv-4's float32 meta-gradient is about 1e-2
     (relative) away from the float64 one, against about 6e-5 in NCHW
     (``benchmarks/conv4_grad_accuracy.py``): exactness first, ``channels_last`` on request.

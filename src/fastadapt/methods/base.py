@@ -116,6 +116,12 @@ def check_finite(loss: Tensor, where: str) -> None:
         )
 
 
+def hit_rate(logits: Tensor, labels: Tensor) -> Tensor:
+    """Fraction of ``labels`` predicted by the arg-max of ``logits``, as a tensor on their device
+    (reading it back is left to the caller, so several can be read at once)."""
+    return (logits.argmax(dim=-1) == labels).float().mean()
+
+
 def accuracy(logits: Tensor, labels: Tensor) -> float:
     """Percentage of ``labels`` predicted by the arg-max of ``logits`` (0 to 100)."""
-    return 100.0 * float((logits.argmax(dim=-1) == labels).float().mean())
+    return 100.0 * float(hit_rate(logits, labels))

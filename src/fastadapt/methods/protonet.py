@@ -18,7 +18,7 @@ from ..models.conv4 import build_backbone
 from ..registry import METHODS
 from ..tasks.episode import Episode
 from ..precision import full_precision
-from .base import MetaLearner, accuracy
+from .base import MetaLearner, hit_rate
 
 
 def prototypes(embeddings: Tensor, labels: Tensor, ways: int) -> Tensor:
@@ -87,7 +87,7 @@ class ProtoNet(MetaLearner):
         for ep, w in zip(episodes, ways):
             logits = self.logits(ep.support_x, ep.support_y, ep.query_x, w)
             losses.append(F.cross_entropy(logits, ep.query_y))
-            hits.append((logits.detach().argmax(dim=-1) == ep.query_y).float().mean())
+            hits.append(hit_rate(logits.detach(), ep.query_y))
         loss = torch.stack(losses).mean()
         value, acc = torch.stack([loss.detach(), torch.stack(hits).mean()]).tolist()  # one read for both
         return loss, {"loss": value, "accuracy": 100.0 * acc}

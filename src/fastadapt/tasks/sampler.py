@@ -162,12 +162,12 @@ class EpisodeSampler:
 
     def sample_batch(self, generator: torch.Generator, num_tasks: int) -> Episode:
         """``num_tasks`` episodes stacked with a leading task dimension (the episodes
-        :meth:`sample` would draw one after another)."""
-        return self._episode(torch.stack([self.sample_indices(generator) for _ in range(num_tasks)]))
+        :meth:`sample` would draw one after another, gathered in one pass)."""
+        return self.sample_batch_with_classes(generator, num_tasks).episode
 
     def sample_batch_with_classes(self, generator: torch.Generator, num_tasks: int) -> EpisodeWithClasses:
-        """What :meth:`sample_batch` draws (the same episodes from the same generator state), with
-        the pool's ids of each episode's classes (``classes [num_tasks, ways]``)."""
+        """:meth:`sample_batch`'s episodes with the pool's ids of each episode's classes
+        (``classes [num_tasks, ways]``)."""
         drawn = [self._draw(generator) for _ in range(num_tasks)]
         return EpisodeWithClasses(self._episode(torch.stack([idx for idx, _ in drawn])),
                                   torch.stack([classes for _, classes in drawn]))
