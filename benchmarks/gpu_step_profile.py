@@ -5,7 +5,7 @@ split into drawing the batch on the CPU, copying it to the GPU and the training 
 (``train_step`` reads the loss back, so the GPU has finished when it returns). Variants, all
 measured in one run on the same machine so that their ratios compare:
 
-- ``base``: what ``fastadapt train --device cuda`` does today;
+- ``base``: what ``fastadapt train --device cuda`` does (Conv-4 channels-last on a GPU);
 - ``threads1``: one CPU thread for PyTorch's host-side work (sampling, the Python loop);
 - ``cudnn_benchmark``: ``torch.backends.cudnn.benchmark = True``;
 - ``nchw``: the Conv-4 backbone kept in the default (NCHW) memory format instead of channels-last;
@@ -22,7 +22,6 @@ taken over 20 further steps after the timed ones, is printed and saved with the 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import threading
 import time
@@ -36,7 +35,8 @@ from _common import require_clean_tree, save, task_data_config  # noqa: E402
 
 from fastadapt.config import resolve  # noqa: E402
 from fastadapt.data import build_task_source  # noqa: E402
-from fastadapt.models.conv4 import Conv4  # noqa: E402
+from fastadapt.measure.stats import median  # noqa: E402
+from fastadapt.models.conv4 import apply_memory_format  # noqa: E402
 from fastadapt.registry import METHODS  # noqa: E402
 
 RUNS = {
@@ -44,13 +44,6 @@ RUNS = {
     "maml": ({"ways": 5, "shots": 1, "queries": 15}, 32, {"inner_lr": 0.4, "inner_steps": 1}),
 }
 VARIANTS = ("base", "threads1", "cudnn_benchmark", "nchw", "prefetch", "all")
-
-
-def _nchw(learner: torch.nn.Module) -> None:
-    for m in learner.modules():
-        if isinstance(m, Conv4):
-            m.channels_last = False
-            m.to(memory_format=torch.contiguous_format)
 
 
 def _pinned(batch: Any) -> Any:
@@ -68,8 +61,7 @@ def measure(method: str, data: dict[str, Any], device: torch.device, variant: st
     torch.manual_seed(0)
     learner = METHODS.get(method).from_config(cfg, source.in_shape)
     learner.decide_run_options(device)
-    if "nchw" in on:
-        _nchw(learner)
+    apply_memory_format(learner, "nchw" if "nchw" in on else "auto", device)  # base: what `fastadapt train` does
     learner.to(device).train()
     opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
@@ -124,8 +116,8 @@ def measure(method: str, data: dict[str, Any], device: torch.device, variant: st
     if worker is not None:
         worker.join()
     out = {"steps": steps, "threads": torch.get_num_threads(),
-           "draw_ms": 1e3 * statistics.median(draw_s), "copy_ms": 1e3 * statistics.median(copy_s),
-           "train_step_ms": 1e3 * statistics.median(step_s), "total_ms": 1e3 * statistics.median(total_s)}
+           "draw_ms": 1e3 * median(draw_s), "copy_ms": 1e3 * median(copy_s),
+           "train_step_ms": 1e3 * median(step_s), "total_ms": 1e3 * median(total_s)}
     out["steps_per_s"] = 1e3 / out["total_ms"]
     print(f"{method:8s} {variant:16s} total {out['total_ms']:7.2f} ms ({out['steps_per_s']:6.1f} steps/s): draw "
           f"{out['draw_ms']:6.2f}{' (overlapped)' if prefetch else ''}, copy {out['copy_ms']:5.2f}, train_step "

@@ -10,8 +10,8 @@ measured on one H200 were 98.25 % (ProtoNet, 120 s) and 98.37 % (MAML, 170 s); t
 budgets (``--budget``) keep the whole script under 8 minutes on one GPU.
 
     python benchmarks/gpu_time_to_accuracy.py --device cuda [--precision bf16] [--budget 150]
-    python benchmarks/gpu_time_to_accuracy.py --quick          # CPU, built-in glyphs, seconds
-    python benchmarks/gpu_time_to_accuracy.py --plot results/gpu/tta_*.json --name gpu/tta   # curves only
+    python benchmarks/gpu_time_to_accuracy.py --quick --device cpu   # a check: built-in glyphs, seconds
+    python benchmarks/gpu_time_to_accuracy.py --plot benchmarks/results/gpu/tta_*.json --name gpu/time_to_accuracy
 """
 
 from __future__ import annotations
@@ -24,18 +24,19 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import require_clean_tree, save, save_figure  # noqa: E402
+from _common import require_clean_tree, save, save_figure, task_data_config  # noqa: E402
 
 from fastadapt.config import resolve  # noqa: E402
 from fastadapt.data import build_task_source  # noqa: E402
 from fastadapt.engine.evaluate import evaluate  # noqa: E402
 from fastadapt.engine.trainer import TrainSettings, meta_train  # noqa: E402
+from fastadapt.models.conv4 import apply_memory_format  # noqa: E402
 from fastadapt.registry import METHODS  # noqa: E402
 
 RUNS = {
-    "protonet": {"ways": 60, "shots": 5, "queries": 15, "meta_batch": 1, "lr": 1e-3, "target": 98.25,
+    "protonet": {"ways": 60, "shots": 5, "queries": 15, "meta_batch": 1, "lr": 1e-3, "target": 98.25, "reference_s": 120.0,
                  "eval_every": 1000},
-    "maml": {"ways": 5, "shots": 1, "queries": 15, "meta_batch": 32, "lr": 1e-3, "target": 98.37,
+    "maml": {"ways": 5, "shots": 1, "queries": 15, "meta_batch": 32, "lr": 1e-3, "target": 98.37, "reference_s": 170.0,
              "eval_every": 200,
              "options": {"inner_lr": 0.4, "inner_steps": 1}},
 }
@@ -47,11 +48,13 @@ def run(method: str, data: dict[str, Any], device: str, precision: str, budget: 
     eval_every = eval_every or r["eval_every"]
     sizes = {"ways": 5 if quick else r["ways"], "shots": r["shots"], "queries": 5 if quick else r["queries"]}
     cfg = resolve(method, {}, {**data, **sizes, **r.get("options", {})})
-    source = build_task_source({**cfg, "progress": False}, "train", sizes["ways"], sizes["shots"], sizes["queries"])
-    test = build_task_source({**cfg, "progress": False}, "test", 5, 1, 15)
+    cfg["progress"] = False
+    source = build_task_source(cfg, "train", sizes["ways"], sizes["shots"], sizes["queries"])
+    test = build_task_source(cfg, "test", 5, 1, 15)
     torch.manual_seed(0)
     learner = METHODS.get(method).from_config(cfg, source.in_shape)
-    decided = learner.decide_run_options(device)
+    decided = {"memory_format": apply_memory_format(learner, cfg["memory_format"], device),
+               **learner.decide_run_options(device)}
     curve: list[dict[str, float]] = []
 
     def on_log(row: dict[str, Any]) -> None:
@@ -94,7 +97,7 @@ def plot(results: list[Path], name: str) -> Path:
                 continue
             ax.plot([c["train_seconds"] for c in r["curve"]], [c["accuracy"] for c in r["curve"]], marker=".",
                     label=f"{data['precision']}, commit {data['commit'][:7]} ({Path(path).stem})")
-        ref_s = {"protonet": 120.0, "maml": 170.0}[method]
+        ref_s = RUNS[method]["reference_s"]
         ax.axhline(RUNS[method]["target"], color="gray", ls="--", lw=1)
         ax.plot([ref_s], [RUNS[method]["target"]], "k*", ms=10, label=f"plain loop: {RUNS[method]['target']} % at {ref_s:.0f} s")
         ax.plot([ref_s / 2], [RUNS[method]["target"]], "r*", ms=10, label="goal: the same in half the time")
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--val-episodes", type=int, default=200)
     ap.add_argument("--test-episodes", type=int, default=1000)
     ap.add_argument("--methods", default="protonet,maml")
-    ap.add_argument("--quick", action="store_true", help="CPU check: built-in glyphs, 5-way episodes, seconds")
+    ap.add_argument("--quick", action="store_true", help="a check of seconds: built-in glyphs, 5-way episodes (with --device cpu where no GPU is)")
     ap.add_argument("--name", default=None, help="result file name (default gpu_time_to_accuracy[_quick])")
     ap.add_argument("--plot", nargs="+", metavar="JSON", help="only draw the curves of saved result files "
                                                             "(PNG named by --name)")
@@ -129,15 +132,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         args.budget, args.eval_every, args.val_episodes, args.test_episodes = min(args.budget, 2.0), 2, 10, 20
         data: dict[str, Any] = {"dataset": "builtin"}
-    elif Path(args.data_dir, "images_background").is_dir():
-        data = {"dataset": "omniglot", "data_dir": args.data_dir, "download": False}
     else:
-        data = {"dataset": "omniglot"}  # downloaded into the cache
+        data = task_data_config(args.data_dir)
+        if data["dataset"] == "builtin":
+            data = {"dataset": "omniglot"}  # downloaded into the cache
     out = {"device": args.device, "precision": args.precision, "budget_s": args.budget, "dataset": data["dataset"],
            "methods": {m: run(m, data, args.device, args.precision, args.budget, args.eval_every, args.val_episodes,
                               args.test_episodes, args.quick) for m in args.methods.split(",")}}
-    if torch.cuda.is_available() and args.device.startswith("cuda"):
-        out["gpu"] = torch.cuda.get_device_name(0)
     name = args.name or ("gpu_time_to_accuracy_quick" if args.quick else "gpu_time_to_accuracy")
     path = save(name, out)
     plot([path], name)

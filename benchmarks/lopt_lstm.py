@@ -26,6 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, require_clean_tree, run_cli, save  # noqa: E402
 
+from fastadapt.data.cache import cache_dir  # noqa: E402
+
 EVALS = [  # (trained on, evaluated on, steps as a multiple of the horizon)
     ("quadratic", "quadratic", 1), ("quadratic", "quadratic", 2),
     ("mnist-mlp", "mnist-mlp", 1), ("mnist-mlp", "mnist-mlp", 2),
@@ -43,7 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=os.environ.get("FASTADAPT_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data")),
                     help="folder with mnist/ and cifar10/ (default $FASTADAPT_DATA, else ../shared/data)")
-    ap.add_argument("--runs", default=str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastadapt" / "lopt-runs"),
+    ap.add_argument("--runs", default=str(cache_dir() / "lopt-runs"),
                     help="where the meta-training runs go (resumed if present)")
     ap.add_argument("--quadratic-trajectories", type=int, default=300)
     ap.add_argument("--mnist-trajectories", type=int, default=400)
@@ -81,6 +83,8 @@ def main() -> None:
                  "--seeds", str(args.seeds), "--threads", str(args.threads),
                  "--json", str(out_dir / f"{name}.json"), "--plot", str(out_dir / f"{name}.png")])
         summary = json.loads((out_dir / f"{name}.json").read_text())
+        summary["eval_command"] = summary.pop("command")  # written again with this run's record
+        save(f"lopt/{name}", summary)
         res = summary["results"]
         best = min((b for b in res if b != "learned"), key=lambda b: res[b]["final_loss"])
         rows.append({"trained_on": trained, "evaluated_on": target, "steps": steps,

@@ -46,8 +46,8 @@ def main() -> None:
         return [p.grad.detach().clone().double() for p in lrn.model.parameters()]
 
     def plain(b, dtype):
-        # NCHW tensors: fastadapt's Conv-4 is channels-last on the CPU, and ``.contiguous()`` would keep the
-        # first convolution's weight (one input channel) in that layout.
+        # NCHW tensors, whatever layout fastadapt's Conv-4 runs in (``.contiguous()`` would keep a
+        # channels-last first-convolution weight, one input channel, in that layout).
         params = [p.detach().clone(memory_format=torch.contiguous_format).to(dtype).requires_grad_()
                   for p in learner.model.parameters()]
         return [x.double() for x in plain_maml_grads(params, b, 0.4, 1)]

@@ -77,8 +77,8 @@ def worker(reps: int, tasks: int, queries: int) -> dict:
     learner = MAML.from_config({"ways": ways, "inner_steps": 1, "inner_lr": 0.4}, (1, 28, 28))
     names = [n for n, _ in learner.model.named_parameters()]
     # The plain model holds the same weights in plain (NCHW) tensors.
-    # (clone into NCHW explicitly: ``.contiguous()`` would keep the channels-last layout of the first
-    # convolution's weight, whose one input channel makes it contiguous in both layouts)
+    # (cloned into NCHW explicitly, whatever layout fastadapt runs in: ``.contiguous()`` would keep a
+    # channels-last first-convolution weight, whose one input channel makes it contiguous in both)
     plain = [p.detach().clone(memory_format=torch.contiguous_format).requires_grad_() for p in learner.model.parameters()]
 
     def run_plain():

@@ -157,8 +157,8 @@ def maml_implementations(base: MAML, batch: Episode, first_order: bool, higher, 
     impls["learn2learn"] = with_adam(list(l_maml.parameters()), run_l2l)
 
     # The plain loop of maml_speed.py: all tasks' graphs, one backward. Weights in NCHW layout,
-    # like the other peers' (fastadapt's Conv-4 is channels-last, and ``.contiguous()`` would keep
-    # that layout for the first convolution, whose single input channel makes it count as both).
+    # like the other peers' (cloned explicitly: ``.contiguous()`` would keep a channels-last first
+    # convolution, whose single input channel makes it count as both).
     plain = [p.detach().clone(memory_format=torch.contiguous_format).requires_grad_() for p in base.model.parameters()]
 
     def run_plain():

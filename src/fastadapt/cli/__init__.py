@@ -57,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command = " ".join(["fastadapt", *argv])  # recorded in result files (main() may be called with argv)
     # Reuse freed tensor memory instead of unmapping it every iteration (see engine/allocator.py;
     # a no-op off glibc or when MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are set).
     tune_malloc()

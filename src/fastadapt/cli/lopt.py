@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +161,7 @@ def cmd_lopt_eval(args: argparse.Namespace) -> int:
     baselines = tuple(b for b in args.baselines.split(",") if b)
     summary = evaluate_optimizers(run, optimizee, steps, args.seeds, baselines, args.tune_seeds, args.device,
                                   data_dir, progress=not args.no_progress)
-    summary["command"] = " ".join(["fastadapt"] + sys.argv[1:])
+    summary["command"] = args.command
     base = (run_dir or Path(".")) / f"eval-{optimizee}-{steps}"
     json_path = Path(args.json) if args.json else base.with_suffix(".json")
     plot_path = Path(args.plot) if args.plot else base.with_suffix(".png")

@@ -26,8 +26,8 @@ from ..engine.trainer import (CHECKPOINT, CURVE, METRICS, RunInterrupted, TrainS
 from ..errors import ConfigError, FastAdaptError
 from ..io import atomic_write_text, previous_checkpoint
 from .. import optim as _optim  # noqa: F401  (registers the learned optimizers)
-from ..models.conv4 import use_memory_format
-from ..precision import MEMORY_FORMATS, PRECISIONS, decide_memory_format
+from ..models.conv4 import apply_memory_format
+from ..precision import MEMORY_FORMATS, PRECISIONS
 from ..registry import BACKBONES, DATASETS, LEARNED_RULES, METHODS, OPTIMIZEES
 from ..tasks.episode import check_shareable
 from ..tasks.image_function import KIND as IMAGE_FUNCTION
@@ -260,8 +260,7 @@ def _train(args: argparse.Namespace, cls: Any, cfg: dict[str, Any], procs: Proce
         test_source = _eval_source(data_cfg, "test", ev)
         val_source = _eval_source(data_cfg, "val", ev) if cfg["val_every"] else None
     learner = cls.from_config(cfg, source.in_shape)
-    cfg["memory_format"] = decide_memory_format(cfg["memory_format"], cfg["device"])
-    use_memory_format(learner, cfg["memory_format"])
+    cfg["memory_format"] = apply_memory_format(learner, cfg["memory_format"], cfg["device"])
     cfg.update(learner.decide_run_options(cfg["device"]))
     if cfg["compile"]:
         learner.compile_networks()  # refused (ConfigError) where the method needs a double backward

@@ -149,7 +149,7 @@ def _train_source(args: argparse.Namespace) -> int:
             plot_learning_curve(out / LOG_FILE, out / CURVE_FILE, keys=("loss", "rot_loss", "acc"), xlabel="iteration")
     results = {**summary, "arch": args.arch, "norm": args.norm, "rotation_head": args.rotation_head,
                "device": args.device, "cost_context": cost_context(),
-               "command": " ".join(["fastadapt"] + sys.argv[1:]), "date": datetime.now(timezone.utc).isoformat(),
+               "command": args.command, "date": datetime.now(timezone.utc).isoformat(),
                "platform": platform.platform(), "torch": torch.__version__}
     atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
     print(f"trained {args.arch} for {summary['epochs']} epochs in {summary['train_seconds']:.0f} s; "
@@ -191,7 +191,7 @@ def _eval(args: argparse.Namespace) -> int:
     results: list[dict[str, Any]] = []
     summary: dict[str, Any] = {
         "complete": False, "corruptions": names, "skipped": skipped, "results": results,
-        "command": " ".join(["fastadapt"] + sys.argv[1:]), "date": datetime.now(timezone.utc).isoformat(),
+        "command": args.command, "date": datetime.now(timezone.utc).isoformat(),
         "platform": platform.platform(), "torch": torch.__version__, "options": options,
     }
 

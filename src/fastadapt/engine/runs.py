@@ -28,8 +28,7 @@ from ..errors import ConfigError, DataError
 from ..config import LEGACY, method_defaults, validate
 from ..io import load_checkpoint_with_fallback, previous_checkpoint
 from ..methods.base import MetaLearner
-from ..models.conv4 import use_memory_format
-from ..precision import decide_memory_format
+from ..models.conv4 import apply_memory_format
 from ..registry import DATASETS, METHODS
 from .trainer import CHECKPOINT
 
@@ -127,7 +126,7 @@ def open_run(run_dir: str | Path, device: str | torch.device | None = None,
 
     learner = cls.from_config(cfg, input_shape(cfg, progress))
     # The layout the run trained in (a run saved before the option existed: channels-last).
-    use_memory_format(learner, decide_memory_format(cfg.get("memory_format", LEGACY["memory_format"]), dev))
+    apply_memory_format(learner, cfg.get("memory_format", LEGACY["memory_format"]), dev)
     try:
         learner.load_state_dict(ck["model"])
     except RuntimeError as exc:

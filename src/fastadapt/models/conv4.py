@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .._vmap import under_vmap
 from ..errors import ConfigError
+from ..precision import decide_memory_format
 from ..registry import BACKBONES
 
 
@@ -69,3 +70,12 @@ def use_memory_format(module: nn.Module, memory_format: str) -> None:
         if isinstance(m, Conv4):
             m.channels_last = memory_format == "channels_last"
             m.to(memory_format=torch.channels_last if m.channels_last else torch.contiguous_format)
+
+
+def apply_memory_format(module: nn.Module, memory_format: str, device: torch.device | str) -> str:
+    """Decide ``memory_format`` for ``device`` (``auto``: see
+    :func:`fastadapt.precision.decide_memory_format`), put ``module``'s Conv-4s in it and return
+    the decision (``channels_last`` or ``nchw``), as ``fastadapt train`` records it."""
+    decided = decide_memory_format(memory_format, device)
+    use_memory_format(module, decided)
+    return decided
