@@ -40,7 +40,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -62,6 +61,7 @@ from maml_speed import plain_maml_grads  # noqa: E402
 
 from fastadapt.data import build_task_source  # noqa: E402
 from fastadapt.measure.memory import PeakMemory  # noqa: E402
+from fastadapt.measure.stats import median  # noqa: E402
 from fastadapt.methods import FOMAML, MAML, ProtoNet  # noqa: E402
 from fastadapt.models import Conv4  # noqa: E402
 from fastadapt.tasks import Episode, EpisodeSampler  # noqa: E402
@@ -506,7 +506,7 @@ def main() -> None:
             times = take_turns({k: v[1] for k, v in impls.items()}, args.reps)
             rows = {}
             for k in impls:
-                rows[k] = {"seconds": statistics.median(times[k]), "all_seconds": times[k], "grad_diff": grads[k]}
+                rows[k] = {"seconds": median(times[k]), "all_seconds": times[k], "grad_diff": grads[k]}
                 if not args.no_memory:
                     rows[k]["memory"] = measure_memory(args, part, k)
                 print(f"{part} {k}: {rows[k]['seconds']:.3f} s/meta-step, grad diff {grads[k]}, "
@@ -518,7 +518,7 @@ def main() -> None:
         times = take_turns(impls, proto_reps, warmup=2)
         rows = {}
         for k in impls:
-            rows[k] = {"seconds": statistics.median(times[k]), "all_seconds": times[k], "loss": losses[k]}
+            rows[k] = {"seconds": median(times[k]), "all_seconds": times[k], "loss": losses[k]}
             if not args.no_memory:
                 rows[k]["memory"] = measure_memory(args, "protonet", k)
             print(f"protonet {k}: {rows[k]['seconds']:.3f} s/step, loss {losses[k]:.5f}, memory {rows[k].get('memory')}",
@@ -541,9 +541,9 @@ def main() -> None:
                 for k, f in draws.items():
                     rates[k].append(rate(f, args.sampling_seconds))
             key = f"{ways}w{shots}s{queries}q"
-            result["sampling"][key] = {k: statistics.median(v) for k, v in rates.items()}
+            result["sampling"][key] = {k: median(v) for k, v in rates.items()}
             result["sampling"][key + "_all"] = rates
-            print(f"sampling {key}: " + ", ".join(f"{k} {statistics.median(v):,.0f}/s" for k, v in rates.items()),
+            print(f"sampling {key}: " + ", ".join(f"{k} {median(v):,.0f}/s" for k, v in rates.items()),
                   flush=True)
 
     summary = {**result, "sampling": {k: v for k, v in result.get("sampling", {}).items() if not k.endswith("_all")}}
