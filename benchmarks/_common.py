@@ -36,6 +36,22 @@ def task_data_config(data_dir: str | Path) -> dict[str, Any]:
     return {"dataset": "builtin"}
 
 
+def matmul_ceiling(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 5) -> float:
+    """This process's matrix-multiply speed in GFLOP/s (median of ``reps`` ``n x n`` products): the
+    practical ceiling a convolutional network's step is compared with."""
+    import statistics
+    import time
+
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
 def rss_mb(field: str) -> float:
     """``VmRSS`` (resident now) or ``VmHWM`` (peak) of this process from ``/proc/self/status``, in MB."""
     with open("/proc/self/status") as f:

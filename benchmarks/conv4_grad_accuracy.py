@@ -3,7 +3,9 @@
 Channels-last is the faster layout for Conv-4 on the CPU (oneDNN); NCHW is the CPU default
 (``--memory-format auto``) because of what this measures: the relative L2 error of the float32
 gradient of one 20-way 5-shot 5-query episode against the float64 gradient (NCHW), for the eager
-channels-last model, the eager NCHW model and the compiled (``torch.compile``) channels-last model.
+channels-last model, the eager NCHW model, both with Conv-4's fused BatchNorm/ReLU/max-pool blocks
+(``fastadapt.models.fused``, the path ProtoNet's training step takes) and the compiled
+(``torch.compile``) channels-last model.
 
     python benchmarks/conv4_grad_accuracy.py [--threads 2]
 """
@@ -24,6 +26,7 @@ from _common import require_clean_tree, save  # noqa: E402
 from fastadapt.config import resolve  # noqa: E402
 from fastadapt.data import build_task_source  # noqa: E402
 from fastadapt.models.conv4 import use_memory_format  # noqa: E402
+from fastadapt.models.fused import fused_blocks  # noqa: E402
 from fastadapt.registry import METHODS  # noqa: E402
 
 
@@ -33,8 +36,9 @@ def in_format(learner, memory_format):
     return out
 
 
-def grad(learner, sx, sy, qx, qy) -> torch.Tensor:
-    loss = F.cross_entropy(learner.logits(sx, sy, qx), qy)
+def grad(learner, sx, sy, qx, qy, fuse=False) -> torch.Tensor:
+    with fused_blocks(fuse):
+        loss = F.cross_entropy(learner.logits(sx, sy, qx), qy)
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(learner.parameters()))]).double()
 
 
@@ -54,10 +58,12 @@ def main() -> None:
     errors = {}
     compiled = in_format(learner, "channels_last")
     compiled.compile_networks()
-    for name, model in (("eager channels-last", in_format(learner, "channels_last")),
-                        ("eager NCHW (the CPU default)", in_format(learner, "nchw")),
-                        ("compiled channels-last", compiled)):
-        errors[name] = float((grad(model, sx, sy, qx, qy) - ref).norm() / ref.norm())
+    for name, model, fuse in (("eager channels-last", in_format(learner, "channels_last"), False),
+                              ("eager NCHW (the CPU default)", in_format(learner, "nchw"), False),
+                              ("fused blocks, channels-last", in_format(learner, "channels_last"), True),
+                              ("fused blocks, NCHW (ProtoNet training's default)", in_format(learner, "nchw"), True),
+                              ("compiled channels-last", compiled, False)):
+        errors[name] = float((grad(model, sx, sy, qx, qy, fuse) - ref).norm() / ref.norm())
         print(f"{name}: relative error {errors[name]:.2e}")
     save("conv4_grad_accuracy", {"setting": "ProtoNet, Conv-4, built-in glyphs, 20-way 5-shot 5-query, one episode",
                                  "threads": args.threads, "relative_error_vs_float64": errors})

@@ -6,10 +6,16 @@ Compared in the same process, on the same meta-batch, at the same gradients:
   hand-written functional Conv-4 (``F.conv2d``, ``F.batch_norm(training=True)``), task losses
   summed and one ``backward`` (the way most MAML code does it);
 * ``ours-loop`` / ``ours-vmap``: fastadapt's MAML (one functional inner loop, ``torch.func``),
-  tasks run as a loop (backward per task) or under ``vmap``.
+  tasks run as a loop (backward per task) or under ``vmap``; ``ours-loop-unfused``: the loop with
+  Conv-4's fused BatchNorm/ReLU/max-pool blocks switched off (``fastadapt.models.fused.ENABLED``).
+
+Each worker also counts the meta-iteration's FLOPs (``FlopCounterMode`` on the plain loop), measures
+the process's fp32 matrix-multiply ceiling, reports the GFLOP/s each implementation reaches against
+it, and profiles one ``ours-loop`` iteration for the share of its time spent in convolutions (a
+bound on what any change outside the convolution kernels can gain).
 
 Each setting (glibc allocator default or tuned, 1 or 2 torch threads) runs in a fresh process;
-also timed there: one ProtoNet 5-way 1-shot episode (forward + backward). Gradients of the three
+also timed there: one ProtoNet 5-way 1-shot episode (forward + backward). Gradients of the
 MAML implementations are compared (relative difference of the whole gradient vector;
 ``maml_grad_accuracy.py`` compares each with a float64 reference). Images are random (speed does not
 depend on their content); 5 queries per class (the CLI default).
@@ -63,8 +69,11 @@ def plain_maml_grads(params, batch, inner_lr, steps, first_order=False):
 
 
 def worker(reps: int, tasks: int, queries: int) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from _common import matmul_ceiling
     from fastadapt.methods import MAML, ProtoNet
-    from fastadapt.models import Conv4
+    from fastadapt.models import Conv4, fused
     from fastadapt.tasks import Episode
 
     torch.manual_seed(0)
@@ -86,13 +95,18 @@ def worker(reps: int, tasks: int, queries: int) -> dict:
             p.grad = None
         return plain_maml_grads(plain, batch, 0.4, 1)
 
-    def run_ours(mode):
+    def run_ours(mode, fuse=True):
         def f():
-            learner._backward(batch, mode, 0)
+            fused.ENABLED = fuse
+            try:
+                learner._backward(batch, mode, 0)
+            finally:
+                fused.ENABLED = True
             return [p.grad for p in learner.model.parameters()]
         return f
 
-    impls = {"plain": run_plain, "ours-loop": run_ours("loop"), "ours-vmap": run_ours("vmap")}
+    impls = {"plain": run_plain, "ours-loop": run_ours("loop"), "ours-loop-unfused": run_ours("loop", False),
+             "ours-vmap": run_ours("vmap")}
     grads = {k: [t.clone() for t in f()] for k, f in impls.items()}  # also the warm-up
     ref = grads["plain"]
 
@@ -109,6 +123,22 @@ def worker(reps: int, tasks: int, queries: int) -> dict:
             f()
             times[k].append(time.perf_counter() - t0)
 
+    # The work of one meta-iteration (convolutions and matrix products, forward and all backward
+    # passes, as counted by torch's FlopCounterMode on the plain loop), the speed each
+    # implementation reaches with it, and this process's matrix-multiply ceiling.
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run_plain()
+    flops = counter.get_total_flops()
+    ceiling = matmul_ceiling(torch.float32)
+    # Where fastadapt's loop spends its time: the share of the convolutions (forward, backward and
+    # double backward) in one profiled meta-iteration. The step cannot be faster than that part.
+    with torch.profiler.profile() as prof:
+        impls["ours-loop"]()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    conv = sum(e.self_cpu_time_total for e in events if "convolution" in e.key)
+
     proto = ProtoNet(Conv4(1, image_size=28))
     ep = batch.task(0)
     ep = Episode(ep.support_x, ep.support_y, batch.query_x[0], batch.query_y[0])
@@ -119,7 +149,12 @@ def worker(reps: int, tasks: int, queries: int) -> dict:
         loss.backward()
         if i >= 2:
             proto_times.append(time.perf_counter() - t0)
-    return {"seconds_per_meta_iteration": {k: statistics.median(v) for k, v in times.items()},
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    return {"seconds_per_meta_iteration": medians,
+            "gflop_per_meta_iteration": flops / 1e9, "matmul_ceiling_gflops": ceiling,
+            "gflops": {k: flops / 1e9 / v for k, v in medians.items()},
+            "fraction_of_ceiling": {k: flops / 1e9 / v / ceiling for k, v in medians.items()},
+            "convolution_share_ours_loop": conv / total,
             "all_seconds": times, "grad_max_rel_diff_vs_plain": grad_check, "grad_norm": grad_norm,
             "protonet_episode_seconds": statistics.median(proto_times),
             "param_names": names[:2] + ["..."]}
@@ -153,14 +188,20 @@ def main() -> None:
             res = json.loads(out.strip().splitlines()[-1])
             res.update(allocator=alloc, threads=threads, wall_seconds=round(time.time() - t0, 1))
             s = res["seconds_per_meta_iteration"]
-            print(f"threads={threads} allocator={alloc}: plain {s['plain']:.3f} s, ours-loop {s['ours-loop']:.3f} s, "
-                  f"ours-vmap {s['ours-vmap']:.3f} s, protonet episode {res['protonet_episode_seconds'] * 1e3:.1f} ms; "
-                  f"grad rel diff {res['grad_max_rel_diff_vs_plain']}", flush=True)
+            print(f"threads={threads} allocator={alloc}: plain {s['plain']:.3f} s, ours-loop {s['ours-loop']:.3f} s "
+                  f"(unfused {s['ours-loop-unfused']:.3f} s), ours-vmap {s['ours-vmap']:.3f} s, protonet episode "
+                  f"{res['protonet_episode_seconds'] * 1e3:.1f} ms; grad rel diff {res['grad_max_rel_diff_vs_plain']}; "
+                  f"{res['gflop_per_meta_iteration']:.0f} GFLOP per meta-iteration, ours-loop at "
+                  f"{res['gflops']['ours-loop']:.0f} GFLOP/s of a {res['matmul_ceiling_gflops']:.0f} GFLOP/s matmul "
+                  f"ceiling; convolutions {100 * res['convolution_share_ours_loop']:.0f} % of its profiled time",
+                  flush=True)
             settings.append(res)
     for r in settings:
         s = r["seconds_per_meta_iteration"]
-        r["speedup_vs_plain"] = {k: s["plain"] / s[k] for k in ("ours-loop", "ours-vmap")}
+        r["speedup_vs_plain"] = {k: s["plain"] / s[k] for k in ("ours-loop", "ours-loop-unfused", "ours-vmap")}
         r["speedup_best_vs_plain"] = s["plain"] / min(s["ours-loop"], s["ours-vmap"])
+        # The fastest the loop could be if everything but its convolutions took no time.
+        r["convolution_bound_speedup_vs_plain"] = s["plain"] / (s["ours-loop"] * r["convolution_share_ours_loop"])
     payload = {"budget": f"{args.reps} timed meta-iterations per implementation and setting (medians)"}
     payload.update(setup={"method": "MAML second order", "ways": 5, "shots": 1, "queries_per_class": args.queries,
                           "meta_batch": args.tasks, "inner_steps": 1, "inner_lr": 0.4, "backbone": "conv4 28x28",
@@ -177,11 +218,11 @@ def plot(settings: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     labels = [f"{r['threads']} thr\n{r['allocator']} malloc" for r in settings]
-    impls = ["plain", "ours-loop", "ours-vmap"]
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    width = 0.27
+    impls = ["plain", "ours-loop", "ours-loop-unfused", "ours-vmap"]
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    width = 0.2
     for j, k in enumerate(impls):
-        ax.bar([i + (j - 1) * width for i in range(len(settings))],
+        ax.bar([i + (j - 1.5) * width for i in range(len(settings))],
                [r["seconds_per_meta_iteration"][k] for r in settings], width, label=k)
     ax.set_xticks(range(len(settings)))
     ax.set_xticklabels(labels)

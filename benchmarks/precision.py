@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import require_clean_tree, save  # noqa: E402
+from _common import matmul_ceiling, require_clean_tree, save  # noqa: E402
 
 from fastadapt.config import resolve  # noqa: E402
 from fastadapt.data import build_task_source  # noqa: E402
@@ -42,17 +42,6 @@ SETTINGS = {
     "protonet": {"ways": 60, "shots": 5, "queries": 5, "meta_batch": 1, "lr": 1e-3},
     "maml": {"ways": 5, "shots": 1, "queries": 15, "meta_batch": 32, "lr": 1e-3},
 }
-
-
-def matmul_ceiling(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / median(times) / 1e9
 
 
 def build(method: str, data: dict) -> tuple:

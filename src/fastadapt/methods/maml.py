@@ -28,6 +28,7 @@ from torch.func import functional_call
 
 from ..errors import ConfigError
 from ..models.conv4 import build_backbone
+from ..models.fused import fused_blocks
 from ..registry import DATASETS, METHODS
 from ..tasks.episode import Episode
 from .base import MetaLearner, check_finite
@@ -250,7 +251,10 @@ class MAML(MetaLearner):
         """Query loss after adaptation (differentiable w.r.t. the meta-parameters), inner losses
         ``[steps]`` and the query score (accuracy or MSE), for one task."""
         fast, inner_losses = self._fit(sx, sy, differentiable=not self.first_order)
-        out = self._outputs(fast, qx)
+        # Nothing differentiates the query pass's gradient again (the second-order terms run
+        # through the inner loop), so Conv-4 may use its fused blocks here.
+        with fused_blocks():
+            out = self._outputs(fast, qx)
         return self._loss_fn(out, qy), inner_losses, self._score_fn(out.detach(), qy)
 
     def _mode(self, batch: Episode) -> str:

@@ -13,6 +13,7 @@ from .._vmap import under_vmap
 from ..errors import ConfigError
 from ..precision import decide_memory_format
 from ..registry import BACKBONES
+from .fused import bn_relu_pool, can_fuse
 
 
 def conv_block(in_channels: int, out_channels: int, pool: bool = True) -> nn.Sequential:
@@ -54,7 +55,18 @@ class Conv4(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last and not under_vmap(x):  # vmap cannot query memory formats
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.encoder(x).flatten(1)
+        for block in self.encoder:
+            layers = list(block)
+            if len(layers) == 4:
+                z = layers[0](x)
+                if can_fuse(z, *layers[1:]):  # inside fastadapt.models.fused.fused_blocks only
+                    x = bn_relu_pool(z, layers[1])
+                    continue
+                layers = layers[1:]
+                x = z
+            for layer in layers:
+                x = layer(x)
+        return x.flatten(1)
 
 
 def build_backbone(name: str, in_shape: tuple[int, ...], **kwargs) -> nn.Module:
