@@ -133,16 +133,17 @@ class _BNReLUPool(torch.autograd.Function):
     def forward(ctx, z: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
         n, c, h, w = z.shape
         count = n * h * w
+        view = (1, c, 1, 1)
         mean = z.sum((0, 2, 3)) / count
-        centred = z - mean.view(1, c, 1, 1)
-        var = centred.square_().sum((0, 2, 3)) / count
-        del centred
+        # Everything below works on z - mean, as batch norm does: the backward pass's affine
+        # term then has no large, nearly cancelling parts.
+        centred = z - mean.view(view)
+        var = (centred * centred).sum((0, 2, 3)) / count
         invstd = torch.rsqrt(var + eps)
         scale = gamma * invstd
-        shift = beta - mean * scale
         # max_pool2d drops a last odd row or column; so do the windows here.
-        zc = z[..., : h // 2 * 2, : w // 2 * 2]
-        left, right = zc[..., 0::2], zc[..., 1::2]
+        cc = centred[..., : h // 2 * 2, : w // 2 * 2]
+        left, right = cc[..., 0::2], cc[..., 1::2]
         cols = torch.maximum(left, right)
         # Which element of each window is its maximum, as 0/1 masks in z's dtype (CPU kernels
         # that mix bool and float tensors are not vectorised: converting once is cheaper).
@@ -152,27 +153,25 @@ class _BNReLUPool(torch.autograd.Function):
         pooled = torch.maximum(top, bottom)
         top_wins = _mask(top >= bottom, z.dtype)
         del cols
-        out = torch.addcmul(shift.view(1, c, 1, 1), pooled, scale.view(1, c, 1, 1)).clamp_min_(0)
-        ctx.save_for_backward(z, pooled, out, left_wins, top_wins, mean, invstd, scale)
+        out = torch.addcmul(beta.view(view), pooled, scale.view(view)).clamp_min_(0)
+        ctx.save_for_backward(centred, pooled, out, left_wins, top_wins, invstd, scale)
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor, _gm: Tensor, _gv: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
-        z, pooled, out, left_wins, top_wins, mean, invstd, scale = ctx.saved_tensors
-        n, c, h, w = z.shape
+        centred, pooled, out, left_wins, top_wins, invstd, scale = ctx.saved_tensors
+        n, c, h, w = centred.shape
         count = n * h * w
         view = (1, c, 1, 1)
         g = torch.ops.aten.threshold_backward(grad_out, out, 0)  # ReLU's backward kernel
-        xhat = (pooled - mean.view(view)) * invstd.view(view)
         grad_beta = g.sum((0, 2, 3))
-        grad_gamma = (g * xhat).sum((0, 2, 3))
+        grad_gamma = (g * pooled).sum((0, 2, 3)) * invstd
         # d z = a * (dy - mean(dy) - xhat * mean(dy * xhat)); the two means are over all of z,
         # where dy is zero off the window maxima.
-        k1 = -scale * invstd * grad_gamma / count
-        k0 = -scale * grad_beta / count - k1 * mean
-        grad_z = torch.addcmul(k0.view(view), z, k1.view(view))
+        grad_z = torch.addcmul((-scale * grad_beta / count).view(view), centred,
+                               (-scale * invstd * grad_gamma / count).view(view))
         g = g * scale.view(view)
         g_top = g * top_wins
         rows = torch.empty_like(left_wins)  # the gradient of the column maxima, in z's layout
