@@ -1,7 +1,8 @@
 """float32 error of ProtoNet's meta-gradient on Conv-4 against float64: channels-last, NCHW, compiled.
 
 Channels-last is the faster layout for Conv-4 on the CPU (oneDNN); NCHW is the CPU default
-(``--memory-format auto``) because of what this measures: the relative L2 error of the float32
+(``--memory-format auto``) for learners with unfused batch-statistics BatchNorm (MAML's inner loop)
+because of what this measures: the relative L2 error of the float32
 gradient of one 20-way 5-shot 5-query episode against the float64 gradient (NCHW), for the eager
 channels-last model, the eager NCHW model, both with Conv-4's fused BatchNorm/ReLU/max-pool blocks
 (``fastadapt.models.fused``, the path ProtoNet's training step takes) and the compiled
@@ -59,9 +60,10 @@ def main() -> None:
     compiled = in_format(learner, "channels_last")
     compiled.compile_networks()
     for name, model, fuse in (("eager channels-last", in_format(learner, "channels_last"), False),
-                              ("eager NCHW (the CPU default)", in_format(learner, "nchw"), False),
-                              ("fused blocks, channels-last", in_format(learner, "channels_last"), True),
-                              ("fused blocks, NCHW (ProtoNet training's default)", in_format(learner, "nchw"), True),
+                              ("eager NCHW (the CPU default of unfused layers)", in_format(learner, "nchw"), False),
+                              ("fused blocks, channels-last (ProtoNet training's CPU default)",
+                               in_format(learner, "channels_last"), True),
+                              ("fused blocks, NCHW", in_format(learner, "nchw"), True),
                               ("compiled channels-last", compiled, False)):
         errors[name] = float((grad(model, sx, sy, qx, qy, fuse) - ref).norm() / ref.norm())
         print(f"{name}: relative error {errors[name]:.2e}")

@@ -3,12 +3,14 @@
 For ProtoNet (60-way 5-shot 5-query training episodes) and MAML (5-way 1-shot 15 queries,
 meta-batch 32, one inner step, second order) on Omniglot (or the built-in glyphs without it):
 
-1. seconds per training step in fp32, bf16, bf16 with Conv-4 channels-last (the CPU default is
-   NCHW; in bf16 its BatchNorm inexactness is small beside bf16's own) and, where it applies,
-   compiled fp32 (steps alternate between the settings so machine noise hits all alike; medians);
+1. seconds per training step in fp32 and bf16 in the method's CPU default layout of Conv-4
+   (``--memory-format auto``: channels-last for ProtoNet, whose training runs in fused blocks, NCHW
+   for MAML), bf16 in the other layout (for MAML channels-last, whose BatchNorm inexactness is
+   small beside bf16's own) and, where it applies, compiled fp32 (steps alternate between the
+   settings so machine noise hits all alike; medians);
 2. the relative L2 error of the bf16 (and compiled) meta-gradient against fp32 on the same batch;
 3. accuracy after the same short training (``--train-steps``) from the same initial weights in
-   fp32, bf16 and bf16 channels-last, each evaluated on the same test episodes (mean ± 95% CI).
+   fp32, bf16 and bf16 in the other layout, each evaluated on the same test episodes (mean ± 95% CI).
 
 It also measures the machine's matrix-multiply ceiling in fp32 and bf16 so the speed-up can be
 read against what the hardware allows.
@@ -34,7 +36,7 @@ from fastadapt.data import build_task_source  # noqa: E402
 from fastadapt.engine.evaluate import evaluate  # noqa: E402
 from fastadapt.errors import ConfigError  # noqa: E402
 from fastadapt.measure.stats import median  # noqa: E402
-from fastadapt.models.conv4 import use_memory_format  # noqa: E402
+from fastadapt.models.conv4 import apply_memory_format, use_memory_format  # noqa: E402
 from fastadapt.precision import autocast  # noqa: E402
 from fastadapt.registry import METHODS  # noqa: E402
 
@@ -52,7 +54,7 @@ def build(method: str, data: dict) -> tuple:
     torch.manual_seed(0)
     learner = METHODS.get(method).from_config(cfg, source.in_shape)
     learner.decide_run_options("cpu")
-    return learner, source, test
+    return learner, source, test, apply_memory_format(learner, "auto", "cpu")
 
 
 def flat_grad(learner) -> torch.Tensor:
@@ -100,12 +102,13 @@ def main() -> None:
     out = {"ceiling": ceiling, "dataset": data["dataset"], "threads": args.threads, "methods": {}}
     for method in args.methods.split(","):
         s = SETTINGS[method]
-        learner, source, test = build(method, data)
+        learner, source, test, layout = build(method, data)
+        other = "nchw" if layout == "channels_last" else "channels_last"
+        other_name = f"bf16 {other.replace('_', '-')}"
         batch = source.sample_batch(torch.Generator().manual_seed(0), s["meta_batch"])
-        channels_last = copy.deepcopy(learner)  # NCHW is the CPU default (exact BatchNorm gradients)
-        use_memory_format(channels_last, "channels_last")
-        variants = {"fp32": (learner, "fp32"), "bf16": (learner, "bf16"),
-                    "bf16 channels-last": (channels_last, "bf16")}
+        in_other = copy.deepcopy(learner)
+        use_memory_format(in_other, other)
+        variants = {"fp32": (learner, "fp32"), "bf16": (learner, "bf16"), other_name: (in_other, "bf16")}
         if not args.no_compile:
             compiled = copy.deepcopy(learner)
             try:
@@ -125,14 +128,14 @@ def main() -> None:
                "grad_rel_error": {k: float((g - ref).norm() / ref.norm()) for k, g in grads.items() if k != "fp32"}}
         row["speedup_vs_fp32"] = {k: row["seconds_per_step"]["fp32"] / v for k, v in row["seconds_per_step"].items()}
         trained = {}
-        for name, precision, memory_format in (("fp32", "fp32", "nchw"), ("bf16", "bf16", "nchw"),
-                                               ("bf16 channels-last", "bf16", "channels_last")):
-            fresh, source, test = build(method, data)
+        for name, precision, memory_format in (("fp32", "fp32", layout), ("bf16", "bf16", layout),
+                                               (other_name, "bf16", other)):
+            fresh, source, test, _ = build(method, data)
             use_memory_format(fresh, memory_format)
             trained[name] = train_then_eval(fresh, source, test, precision, args.train_steps, s["lr"],
                                             s["meta_batch"], args.episodes)
         row["after_training"] = {"steps": args.train_steps, "eval": "5-way 1-shot, 15 queries", **trained}
-        out["methods"][method] = {"setting": s, **row}
+        out["methods"][method] = {"setting": s, "default_layout": layout, **row}
         print(f"{method}: s/step {row['seconds_per_step']}, speed-up {row['speedup_vs_fp32']}, "
               f"grad error {row['grad_rel_error']}, after {args.train_steps} steps {trained}")
     save("precision", out)

@@ -12,6 +12,7 @@ from fastadapt.cli import main
 from fastadapt.data import build_task_source
 from fastadapt.errors import ConfigError, DataError
 from fastadapt.io import load_checkpoint, save_checkpoint
+from fastadapt.models.conv4 import use_memory_format
 from fastadapt.registry import METHODS
 
 FAST = ["--ways", "3", "--shots", "1", "--queries", "2", "--steps", "3", "--eval-ways", "3", "--eval-episodes", "2",
@@ -23,11 +24,13 @@ def train(run, method, *extra):
 
 
 def cli_eval_path_learner(run):
-    """The learner as ``fastadapt eval`` has always rebuilt it: source shape, from_config, weights, eval mode."""
+    """The learner as ``fastadapt eval`` has always rebuilt it: source shape, from_config, the run's
+    Conv-4 layout, weights, eval mode."""
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     ev = cfg["eval"]
     source = build_task_source(cfg, "test", ev["ways"], ev["shots"], ev["queries"])
     learner = METHODS.get(cfg["method"]).from_config(cfg, source.in_shape)
+    use_memory_format(learner, cfg["memory_format"])
     learner.load_state_dict(load_checkpoint(run / "checkpoint.pt")["model"])
     return learner.eval(), source
 

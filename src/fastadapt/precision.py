@@ -58,17 +58,20 @@ def _device_of(args: tuple[Any, ...]) -> str:
     return "cpu"
 
 
-def decide_memory_format(memory_format: str, device: torch.device | str) -> str:
+def decide_memory_format(memory_format: str, device: torch.device | str, fused_training: bool = False) -> str:
     """``channels_last`` or ``nchw`` for ``memory_format`` on ``device``.
 
-    ``auto`` is channels-last on a GPU and NCHW on the CPU. On the CPU channels-last is faster
-    (oneDNN; about 1.38x for a 60-way ProtoNet step, ``benchmarks/protonet_throughput.py``) but PyTorch's CPU BatchNorm sums a
-    channels-last input in plain float32 order, so Conv-4's float32 meta-gradient is about 1e-2
-    (relative) away from the float64 one, against about 6e-5 in NCHW
-    (``benchmarks/conv4_grad_accuracy.py``): exactness first, ``channels_last`` on request.
+    ``auto`` is channels-last on a GPU. On the CPU channels-last is faster (oneDNN) but PyTorch's
+    CPU BatchNorm sums a channels-last input in plain float32 order, so Conv-4's float32
+    meta-gradient is about 1e-2 (relative) away from the float64 one, against about 6e-5 in NCHW
+    (``benchmarks/conv4_grad_accuracy.py``): ``auto`` is NCHW there, exactness first, unless the
+    learner trains only through Conv-4's fused blocks (``fused_training``, ProtoNet), which
+    compute the batch statistics themselves and are as exact in channels-last as in NCHW.
     """
     if memory_format not in MEMORY_FORMATS:
         raise ConfigError(f"--memory-format must be one of {', '.join(MEMORY_FORMATS)}, got {memory_format!r}")
     if memory_format != "auto":
         return memory_format
-    return "channels_last" if torch.device(device).type == "cuda" else "nchw"
+    if torch.device(device).type == "cuda" or fused_training:
+        return "channels_last"
+    return "nchw"

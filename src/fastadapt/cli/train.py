@@ -85,6 +85,7 @@ CORE_HELP: dict[str, tuple[dict[str, Any], str]] = {
     "compile": ({"action": argparse.BooleanOptionalAction}, "torch.compile the learner's networks (first use compiles: "
                                                             "minutes on a CPU)"),
     "memory_format": ({"choices": list(MEMORY_FORMATS)}, "layout of Conv-4: auto is channels_last on a GPU and "
+                                                         "for protonet (fused blocks, exact in either layout), else "
                                                          "nchw on the CPU, where channels-last is faster but its "
                                                          "BatchNorm gradients are about 1e-2 off (relative)"),
     "eval_ways": ({"type": int}, "ways of the final test evaluation"),

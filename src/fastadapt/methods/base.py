@@ -38,6 +38,10 @@ class MetaLearner(nn.Module):
     #: Set by a trainer whose meta-batch is shared by several processes, while it trains: turns the
     #: gradients of this process's share into those of the whole meta-batch (see :meth:`sync_gradients`).
     gradient_sync: Callable[[], None] | None = None
+    #: True for a learner whose every training pass through Conv-4's batch-statistics BatchNorm
+    #: runs in fused blocks (:mod:`fastadapt.models.fused`), exact in either layout: then
+    #: ``--memory-format auto`` takes the faster channels-last on the CPU too.
+    fused_training: ClassVar[bool] = False
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], in_shape: tuple[int, ...]) -> "MetaLearner":

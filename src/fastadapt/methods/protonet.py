@@ -57,6 +57,7 @@ class ProtoNet(MetaLearner):
     """
 
     name = "protonet"
+    fused_training = True  # meta_loss runs the backbone inside fused_blocks
     # Snell et al. halve the Adam rate every 2000 episodes (the only method here with a schedule).
     options = {"backbone": "conv4", "distance": "euclidean", "lr_decay_every": 2000}
     option_help = {"backbone": "embedding network (conv4)", "distance": "euclidean (squared, the paper's) or cosine"}

@@ -85,9 +85,10 @@ def use_memory_format(module: nn.Module, memory_format: str) -> None:
 
 
 def apply_memory_format(module: nn.Module, memory_format: str, device: torch.device | str) -> str:
-    """Decide ``memory_format`` for ``device`` (``auto``: see
-    :func:`fastadapt.precision.decide_memory_format`), put ``module``'s Conv-4s in it and return
-    the decision (``channels_last`` or ``nchw``), as ``fastadapt train`` records it."""
-    decided = decide_memory_format(memory_format, device)
+    """Decide ``memory_format`` for ``device`` and the learner ``module`` (``auto``: see
+    :func:`fastadapt.precision.decide_memory_format`, told the learner's ``fused_training``), put
+    ``module``'s Conv-4s in it and return the decision (``channels_last`` or ``nchw``), as
+    ``fastadapt train`` records it."""
+    decided = decide_memory_format(memory_format, device, getattr(module, "fused_training", False))
     use_memory_format(module, decided)
     return decided
