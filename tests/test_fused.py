@@ -86,6 +86,9 @@ def test_fusion_is_used_only_where_it_is_safe():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert not can_fuse(z, bn, relu, pool)
         seen = []
+        torch.compile(lambda t: (seen.append(can_fuse(t, bn, relu, pool)), t + 1)[1], backend="eager")(z)
+        assert seen == [False]  # compiled graphs fuse the plain layers themselves
+        seen.clear()
         torch.func.grad(lambda t: (seen.append(can_fuse(t, bn, relu, pool)), t.sum())[1])(z)
         assert seen == [False]  # torch.func transforms may differentiate twice
         fused.ENABLED = False

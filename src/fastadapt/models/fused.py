@@ -65,9 +65,12 @@ def _in_functorch_transform() -> bool:
 
 def can_fuse(z: Tensor, bn: nn.Module, relu: nn.Module, pool: nn.Module) -> bool:
     """Whether :func:`bn_relu_pool` computes ``pool(relu(bn(z)))`` here: inside
-    :func:`fused_blocks`, outside ``torch.func`` transforms and autocast, on an NCHW or channels-last
-    float32/float64 CPU tensor, for a BatchNorm that normalises with batch statistics (training
-    mode, or no running statistics), a plain ReLU and a 2x2 max-pool of stride 2."""
+    :func:`fused_blocks`, outside ``torch.func`` transforms, ``torch.compile`` and autocast, on an
+    NCHW or channels-last float32/float64 CPU tensor, for a BatchNorm that normalises with batch
+    statistics (training mode, or no running statistics), a plain ReLU and a 2x2 max-pool of
+    stride 2."""
+    if torch.compiler.is_compiling():  # first: compiled graphs fuse the plain layers themselves
+        return False
     if not fusion_enabled() or _in_functorch_transform():
         return False
     if z.device.type != "cpu" or z.dtype not in (torch.float32, torch.float64) or z.dim() != 4:
