@@ -18,7 +18,8 @@ implementation, with the implementations taking turns so that machine noise hits
    batch from the same weights in float32, and on its first ``--check-tasks`` tasks in float64
    (where rounding no longer hides a difference in the math), with each float32 gradient's error
    against the float64 one there.
-2. ProtoNet 60-way 5-shot 5-query episodes (as ``protonet_throughput.py``): fastadapt's ``ProtoNet``,
+2. ProtoNet 60-way 5-shot 5-query episodes (as ``protonet_throughput.py``): fastadapt's ``ProtoNet``
+   (in its CPU default layout, channels-last with fused Conv-4 blocks),
    easyfsl's ``PrototypicalNetworks`` and learn2learn's ``nn.PrototypicalClassifier`` on the same
    backbone; seconds per training step (forward, backward, Adam step) on the same pre-drawn
    episodes, and the loss of each on the first episode.
@@ -64,6 +65,7 @@ from fastadapt.measure.memory import PeakMemory  # noqa: E402
 from fastadapt.measure.stats import median  # noqa: E402
 from fastadapt.methods import FOMAML, MAML, ProtoNet  # noqa: E402
 from fastadapt.models import Conv4  # noqa: E402
+from fastadapt.models.conv4 import apply_memory_format  # noqa: E402
 from fastadapt.tasks import Episode, EpisodeSampler  # noqa: E402
 
 INNER_LR, META_LR = 0.4, 1e-3
@@ -220,6 +222,7 @@ def protonet_implementations(episodes: list[Episode], easy, l2l) -> tuple[dict[s
     on ``episodes[0]`` from the shared initial weights."""
     torch.manual_seed(0)
     ours = ProtoNet(Conv4())
+    apply_memory_format(ours, "auto", "cpu")  # ProtoNet's CPU default (channels-last, fused blocks)
     efs = easy.PrototypicalNetworks(copy_weights(ours.backbone, peer_conv4(None)))
     l_backbone = copy_weights(ours.backbone, peer_conv4(None))
     batches = [Episode.stack([e]) for e in episodes]
