@@ -29,7 +29,11 @@ def conv_block(in_channels: int, out_channels: int, pool: bool = True) -> nn.Seq
 
 @BACKBONES.register("conv4")
 class Conv4(nn.Module):
-    """Conv-4 embedding network: ``[B, C, H, W] -> [B, out_features]``."""
+    """Conv-4 embedding network: ``[B, C, H, W] -> [B, out_features]``.
+
+    Inside :func:`fastadapt.models.fused.fused_blocks` (training passes whose gradient is taken
+    once), each block's BatchNorm, ReLU and max-pooling run as one fused operation on the CPU;
+    elsewhere the layers run one by one. Both compute the same function (see that module)."""
 
     def __init__(self, in_channels: int = 1, hidden: int = 64, out_channels: int = 64, image_size: int = 28,
                  channels_last: bool = False) -> None:
