@@ -83,6 +83,7 @@ def test_fusion_is_used_only_where_it_is_safe():
         assert not can_fuse(z, bn, nn.LeakyReLU(), pool)
         assert not can_fuse(z.half(), bn, relu, pool)
         assert not can_fuse(z[..., ::2], bn, relu, pool)  # neither NCHW nor channels-last
+        assert not can_fuse(z[:0], bn, relu, pool)  # an empty batch: PyTorch's layers say what is wrong
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert not can_fuse(z, bn, relu, pool)
         seen = []

@@ -86,11 +86,11 @@ class ProtoNet(MetaLearner):
         # Every task's class count in one read from the device, before any work is queued.
         ways = (torch.stack([ep.support_y.max() for ep in episodes]) + 1).tolist()
         losses, hits = [], []
-        for ep, w in zip(episodes, ways):
-            with fused_blocks():  # the episode loss is differentiated once
+        with fused_blocks():  # the episode loss is differentiated once
+            for ep, w in zip(episodes, ways):
                 logits = self.logits(ep.support_x, ep.support_y, ep.query_x, w)
-            losses.append(F.cross_entropy(logits, ep.query_y))
-            hits.append(hit_rate(logits.detach(), ep.query_y))
+                losses.append(F.cross_entropy(logits, ep.query_y))
+                hits.append(hit_rate(logits.detach(), ep.query_y))
         loss = torch.stack(losses).mean()
         value, acc = torch.stack([loss.detach(), torch.stack(hits).mean()]).tolist()  # one read for both
         return loss, {"loss": value, "accuracy": 100.0 * acc}

@@ -60,16 +60,13 @@ class Conv4(nn.Module):
         if self.channels_last and not under_vmap(x):  # vmap cannot query memory formats
             x = x.contiguous(memory_format=torch.channels_last)
         for block in self.encoder:
-            layers = list(block)
-            if len(layers) == 4:
-                z = layers[0](x)
-                if can_fuse(z, *layers[1:]):  # inside fastadapt.models.fused.fused_blocks only
-                    x = bn_relu_pool(z, layers[1])
-                    continue
-                layers = layers[1:]
-                x = z
-            for layer in layers:
-                x = layer(x)
+            conv, *rest = block
+            x = conv(x)
+            if len(rest) == 3 and can_fuse(x, *rest):  # inside fastadapt.models.fused.fused_blocks only
+                x = bn_relu_pool(x, rest[0])
+            else:
+                for layer in rest:
+                    x = layer(x)
         return x.flatten(1)
 
 

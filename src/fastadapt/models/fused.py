@@ -7,10 +7,10 @@ writes the full-resolution tensor again in the forward and the backward pass. Th
 computes the same function with fewer full-resolution passes:
 
 * batch statistics of the convolution output ``z`` (mean, then the centred variance);
-* the 2x2 maximum of ``z`` itself. Batch normalisation is a per-channel affine map
-  ``a * z + c`` with ``a = gamma / sqrt(var + eps)``; for ``a >= 0`` it is monotone, so pooling
-  before it picks the same element (channels with ``gamma < 0`` are negated first), and ReLU
-  commutes with max-pooling. Affine map and ReLU then run at a quarter of the size;
+* the 2x2 maximum of ``z - mean`` itself. Batch normalisation is then a per-channel affine map
+  ``a * (z - mean) + beta`` with ``a = gamma / sqrt(var + eps)``; for ``a >= 0`` it is monotone,
+  so pooling before it picks the same element (channels with ``gamma < 0`` are negated first),
+  and ReLU commutes with max-pooling. Affine map and ReLU then run at a quarter of the size;
 * in the backward pass, BatchNorm's input gradient ``a * (dy - mean(dy) - xhat * mean(dy * xhat))``
   with ``dy`` non-zero only at each window's maximum: the two channel means come from the
   pooled tensors, and the full-resolution work is one multiply-add plus the scatter of the
@@ -79,7 +79,7 @@ def can_fuse(z: Tensor, bn: nn.Module, relu: nn.Module, pool: nn.Module) -> bool
         return False
     if torch.is_autocast_enabled("cpu"):
         return False
-    if z.shape[-2] < 2 or z.shape[-1] < 2:
+    if z.shape[0] == 0 or z.shape[-2] < 2 or z.shape[-1] < 2:  # PyTorch's layers say what is wrong
         return False
     if isinstance(bn, BatchStatNorm):
         ok_bn = bn.affine
@@ -110,8 +110,7 @@ def bn_relu_pool(z: Tensor, bn: nn.Module) -> Tensor:
         z = z * sign.view(1, -1, 1, 1)
         gamma = gamma * sign
     out, mean, var = _BNReLUPool.apply(z, gamma, beta, bn.eps)
-    running = getattr(bn, "running_mean", None)
-    if running is not None and bn.training:
+    if bn.training and getattr(bn, "running_mean", None) is not None:
         with torch.no_grad():
             if flip:
                 mean = mean * sign
