@@ -5,13 +5,17 @@ split into drawing the batch on the CPU, copying it to the GPU and the training 
 (``train_step`` reads the loss back, so the GPU has finished when it returns). Variants, all
 measured in one run on the same machine so that their ratios compare:
 
-- ``base``: what ``fastadapt train --device cuda`` does (Conv-4 channels-last on a GPU);
+- ``base``: what ``fastadapt train --device cuda`` does: Conv-4 channels-last, the pool of
+  images kept on the GPU (the host draws indices only) and the step replayed as a CUDA graph
+  (:mod:`fastadapt.engine.graphs`; ProtoNet, and MAML in its vmap batching);
+- ``eager``: the step run op by op instead of replayed as a CUDA graph;
+- ``host_pool``: each batch gathered on the host and copied to the GPU;
+- ``before``: both (``eager`` and ``host_pool``), the step as it was before either existed;
 - ``threads1``: one CPU thread for PyTorch's host-side work (sampling, the Python loop);
 - ``cudnn_benchmark``: ``torch.backends.cudnn.benchmark = True``;
 - ``nchw``: the Conv-4 backbone kept in the default (NCHW) memory format instead of channels-last;
-- ``prefetch``: the next batch drawn and copied (from pinned memory) in a background thread
-  while the GPU runs the current step;
-- ``all``: every variant above at once.
+- ``prefetch``: ``host_pool`` with the next batch drawn and copied (from pinned memory) in a
+  background thread while the GPU runs the current step.
 
 A ``torch.profiler`` table of the ``base`` variant (top operations by self CPU and by CUDA time),
 taken over 20 further steps after the timed ones, is printed and saved with the figures.
@@ -22,6 +26,7 @@ taken over 20 further steps after the timed ones, is printed and saved with the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import threading
 import time
@@ -34,16 +39,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import require_clean_tree, save, task_data_config  # noqa: E402
 
 from fastadapt.config import resolve  # noqa: E402
+from fastadapt.engine.graphs import GraphedStep  # noqa: E402
+from fastadapt.engine.graphs import usable as graphs_usable  # noqa: E402
 from fastadapt.data import build_task_source  # noqa: E402
 from fastadapt.measure.stats import median  # noqa: E402
 from fastadapt.models.conv4 import apply_memory_format  # noqa: E402
 from fastadapt.registry import METHODS  # noqa: E402
+from fastadapt.tasks.sampler import on_device  # noqa: E402
 
 RUNS = {
     "protonet": ({"ways": 60, "shots": 5, "queries": 15}, 1, {}),
     "maml": ({"ways": 5, "shots": 1, "queries": 15}, 32, {"inner_lr": 0.4, "inner_steps": 1}),
 }
-VARIANTS = ("base", "threads1", "cudnn_benchmark", "nchw", "prefetch", "all")
+VARIANTS = ("base", "eager", "host_pool", "before", "threads1", "cudnn_benchmark", "nchw", "prefetch")
 
 
 def _pinned(batch: Any) -> Any:
@@ -53,7 +61,9 @@ def _pinned(batch: Any) -> Any:
 def measure(method: str, data: dict[str, Any], device: torch.device, variant: str, steps: int, warmup: int,
             threads: int, profile: bool) -> dict[str, Any]:
     sizes, meta_batch, options = RUNS[method]
-    on = {variant} if variant != "all" else set(VARIANTS)
+    on = {variant}
+    graphs = not on & {"eager", "before"}
+    device_pool = not on & {"host_pool", "before", "prefetch"}
     torch.set_num_threads(1 if "threads1" in on else threads)
     torch.backends.cudnn.benchmark = "cudnn_benchmark" in on
     cfg = resolve(method, {}, {**data, **sizes, **options})
@@ -63,7 +73,14 @@ def measure(method: str, data: dict[str, Any], device: torch.device, variant: st
     learner.decide_run_options(device)
     apply_memory_format(learner, "nchw" if "nchw" in on else "auto", device)  # base: what `fastadapt train` does
     learner.to(device).train()
-    opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
+    if device_pool:
+        source = on_device(source, device)
+    opt = torch.optim.Adam(learner.parameters(), lr=1e-3, fused=device.type == "cuda" or None)  # as the trainer
+    if graphs and graphs_usable(learner, device, 1, True):
+        train_step = GraphedStep(learner, opt, contextlib.nullcontext)
+    else:
+        def train_step(batch: Any, step: int) -> dict[str, float]:
+            return learner.train_step(batch, opt, step)
     gen = torch.Generator().manual_seed(0)
     prefetch = "prefetch" in on
 
@@ -102,7 +119,7 @@ def measure(method: str, data: dict[str, Any], device: torch.device, variant: st
         t1 = time.perf_counter()
         batch = batch.to(device, non_blocking=True)
         t2 = time.perf_counter()
-        learner.train_step(batch, opt, i + 1)
+        train_step(batch, i + 1)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t3 = time.perf_counter()

@@ -98,3 +98,30 @@ def test_too_many_shots_and_queries_is_a_clear_error():
 def test_non_positive_sizes_are_rejected(kw):
     with pytest.raises(ConfigError):
         EpisodeSampler(make_pool(), **kw)
+
+
+def _same(a, b) -> None:
+    for name in ("support_x", "support_y", "query_x", "query_y"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.device == y.device and torch.equal(x, y), name
+
+
+def test_a_placed_sampler_draws_the_same_stream():
+    # on_device's copy gathers from its own images but draws the same indices from the generator.
+    from fastadapt.tasks.sampler import on_device
+
+    sampler = EpisodeSampler(make_pool(classes=9, per_class=7), ways=4, shots=2, queries=3)
+    placed = sampler._placed(torch.device("cpu"))
+    assert placed is not sampler and placed.pool is sampler.pool
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    _same(sampler.sample(g1), placed.sample(g2))
+    _same(sampler.sample_batch(g1, 3), placed.sample_batch(g2, 3))
+    a, b = sampler.sample_batch_with_classes(g1, 2), placed.sample_batch_with_classes(g2, 2)
+    _same(a.episode, b.episode)
+    assert torch.equal(a.classes, b.classes)
+    la, lb = sampler.sample_labelled(g1, 6), placed.sample_labelled(g2, 6)
+    assert torch.equal(la.x, lb.x) and torch.equal(la.y, lb.y)
+    # The CPU needs no copy; sources without on_device are used as they are.
+    assert on_device(sampler, "cpu") is sampler
+    other = object()
+    assert on_device(other, "cuda") is other

@@ -120,3 +120,43 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / CHECKPOINT).write_bytes(b"half a checkpoint")
     with pytest.raises(DataError, match="cannot be read.*delete it"):
         meta_train(tiny_learner(), tiny_source(), settings(2), tmp_path)
+
+
+def test_only_learners_that_define_their_own_captured_loss_are_captured():
+    from fastadapt.engine.graphs import usable
+
+    cuda = torch.device("cuda")
+    assert usable(tiny_learner(), cuda, 1, True)
+    assert not usable(tiny_learner(), cuda, 1, False)  # --no-cuda-graphs
+    assert not usable(tiny_learner(), torch.device("cpu"), 1, True)
+    assert not usable(tiny_learner(), cuda, 2, True)  # several processes
+    # A subclass with its own loss is not replaced by its parent's captured one.
+    assert not usable(ExplodingProtoNet(tiny_learner().backbone), cuda, 1, True)
+    # The MAML family offers its vmap step; Reptile, with a training step of its own, does not.
+    from fastadapt.methods.maml import MAML
+    from fastadapt.methods.reptile import Reptile
+    assert usable(MAML(nn.Sequential(nn.Flatten(), nn.Linear(64, 4))), cuda, 1, True)
+    assert not usable(Reptile(nn.Sequential(nn.Flatten(), nn.Linear(64, 4))), cuda, 1, True)
+
+
+def test_captured_losses_equal_the_eager_meta_losses():
+    # What a CUDA graph records (graphable_loss) computes meta_loss's loss and metrics, as tensors.
+    from fastadapt.methods.maml import MAML
+
+    torch.manual_seed(0)
+    learner, source = tiny_learner(), tiny_source()
+    batch = source.sample_batch(torch.Generator().manual_seed(0), 2)
+    loss_fn = learner.graphable_loss(batch)
+    loss, metrics = learner.meta_loss(batch)
+    g_loss, g_metrics, ok = loss_fn(batch)
+    assert bool(ok) and torch.allclose(loss, g_loss)
+    assert {k: float(v) for k, v in g_metrics.items()} == pytest.approx(metrics)
+    fewer = type(batch)(batch.support_x, batch.support_y.clamp(max=2), batch.query_x, batch.query_y.clamp(max=2))
+    assert not bool(loss_fn(fewer)[2]), "a batch with another class count is flagged"
+
+    maml = MAML(nn.Sequential(nn.Flatten(), nn.Linear(64, 4)), batching="vmap")
+    loss, metrics = maml.meta_loss(batch)
+    g_loss, g_metrics, ok = maml.graphable_loss(batch)(batch)
+    assert bool(ok) and torch.allclose(loss, g_loss)
+    assert {k: float(v) for k, v in g_metrics.items()} == pytest.approx(metrics)
+    assert MAML(nn.Sequential(nn.Flatten(), nn.Linear(64, 4)), batching="loop").graphable_loss(batch) is None

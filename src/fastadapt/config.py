@@ -48,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "precision": "fp32",
     "compile": False,
     "memory_format": "auto",
+    "cuda_graphs": True,
     "eval": {"ways": 5, "shots": 1, "queries": 15, "episodes": 1000},
 }
 
@@ -71,7 +72,8 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 
 # Keys that may differ when a run is resumed or evaluated: they do not change what is learned.
 RESUMABLE = {"steps", "max_train_seconds", "device", "checkpoint_every", "log_every", "eval", "val_every", "val_episodes",
-             "data_dir", "download", "progress", "threads", "precision", "compile", "processes"}
+             "data_dir", "download", "progress", "threads", "precision", "compile", "processes",
+             "cuda_graphs"}
 
 # What a run records about how it ran, not an option: a preset may hold it (a run's config.yaml
 # reused as --config) and it is ignored there.
@@ -128,6 +130,7 @@ SPECS: dict[str, dict[str, Any]] = {
     "threads": _spec("int", low=0),
     "precision": _spec("str", choices=PRECISIONS),
     "compile": _spec("bool"),
+    "cuda_graphs": _spec("bool"),
     "memory_format": _spec("str", choices=MEMORY_FORMATS),
     "eval.ways": _spec("int", low=1),
     "eval.shots": _spec("int", low=1),

@@ -29,12 +29,13 @@ def check_precision(precision: str) -> None:
         raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
-def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
-    """The autocast context of ``precision`` on ``device`` (a no-op for ``fp32``)."""
+def autocast(device: torch.device | str, precision: str, cache: bool = True) -> contextlib.AbstractContextManager:
+    """The autocast context of ``precision`` on ``device`` (a no-op for ``fp32``). ``cache=False``
+    casts the weights anew at each use, as a region recorded in a CUDA graph needs."""
     check_precision(precision)
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=cache)
 
 
 def full_precision(fn: F) -> F:

@@ -35,7 +35,7 @@ from ..tasks.image_function import KIND as IMAGE_FUNCTION
 TRAIN_KEYS = ("dataset", "data_dir", "download", "image_size", "train_split", "ways", "shots", "queries", "steps",
               "meta_batch", "lr", "lr_decay_every", "lr_decay", "weight_decay", "seed", "device",
               "checkpoint_every", "log_every", "val_every", "val_episodes", "max_train_seconds", "threads",
-              "precision", "compile", "memory_format")
+              "precision", "compile", "memory_format", "cuda_graphs")
 EVAL_KEYS = ("ways", "shots", "queries", "episodes")
 
 
@@ -84,6 +84,9 @@ CORE_HELP: dict[str, tuple[dict[str, Any], str]] = {
                                                  "weights and updates (see fastadapt.precision)"),
     "compile": ({"action": argparse.BooleanOptionalAction}, "torch.compile the learner's networks (first use compiles: "
                                                             "minutes on a CPU)"),
+    "cuda_graphs": ({"action": argparse.BooleanOptionalAction}, "on a GPU, record the training step once as a CUDA "
+                                                                "graph and replay it, where the method offers one "
+                                                                "(protonet; one process)"),
     "memory_format": ({"choices": list(MEMORY_FORMATS)}, "layout of Conv-4: auto is channels_last on a GPU and "
                                                          "for protonet (fused blocks, exact in either layout), else "
                                                          "nchw on the CPU, where channels-last is faster but its "
@@ -245,8 +248,9 @@ def _train(args: argparse.Namespace, cls: Any, cfg: dict[str, Any], procs: Proce
     settings = TrainSettings(**{k: cfg[k] for k in ("steps", "meta_batch", "lr", "lr_decay_every", "lr_decay",
                                                      "weight_decay", "seed", "device", "checkpoint_every",
                                                      "log_every", "val_every", "val_episodes",
-                                                     "max_train_seconds", "precision")},
+                                                     "max_train_seconds", "precision", "cuda_graphs")},
                              progress=progress)
+    settings.cuda_graphs = settings.cuda_graphs and not cfg["compile"]  # compiled graphs are left to torch.compile
     settings.check()
     check_shareable(cfg["meta_batch"], procs.world)
     if cfg.get("pretrain_batch"):  # ncm, qiao: batches of images are shared too

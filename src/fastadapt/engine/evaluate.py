@@ -13,6 +13,7 @@ from ..precision import autocast
 from ..progress import progress_bar
 from ..tasks.image_function import KIND as IMAGE_FUNCTION
 from ..tasks.image_function import psnr
+from ..tasks.sampler import on_device
 from ..measure.memory import PeakMemory
 from ..measure.stats import mean_ci95, median
 
@@ -47,6 +48,7 @@ def evaluate(
     if episodes < 1:
         raise ConfigError(f"--episodes must be at least 1, got {episodes}")
     device = torch.device(device)
+    source = on_device(source, device)
     kind = getattr(source, "kind", "classification")
     regression = kind == "regression"
     image_function = kind == IMAGE_FUNCTION

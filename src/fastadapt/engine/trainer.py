@@ -33,8 +33,11 @@ from ..io import atomic_write_text, load_checkpoint_with_fallback, previous_chec
 from ..methods.base import MetaLearner
 from ..precision import autocast, check_precision
 from ..progress import progress_bar
+from ..tasks.sampler import on_device
 from .distributed import SharedMetaBatch, processes
 from .evaluate import evaluate
+from .graphs import GraphedStep
+from .graphs import usable as graphs_usable
 from ..measure.memory import PeakMemory
 
 CHECKPOINT = "checkpoint.pt"
@@ -61,6 +64,7 @@ class TrainSettings:
     max_train_seconds: float = 0.0  # 0: no time budget; else stop (and checkpoint) once training took this long
     precision: str = "fp32"  # "bf16": autocast matrix products and convolutions (see fastadapt.precision)
     progress: bool = True
+    cuda_graphs: bool = True  # on a GPU, replay the step as a CUDA graph where the learner offers one
 
     def check(self) -> None:
         for name in ("steps", "meta_batch", "log_every"):
@@ -317,6 +321,8 @@ def meta_train(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     learner.to(device)
+    # On a GPU the pool of images is kept there when it fits: the host draws indices only.
+    source, val_source = on_device(source, device), on_device(val_source, device)
     procs = processes()
     optimizer, scheduler = _make_optimizer(learner, s)
     gen = torch.Generator().manual_seed(s.seed)
@@ -338,6 +344,8 @@ def meta_train(
     procs.broadcast_module(learner)  # the same weights everywhere, whatever each process built
     shared = SharedMetaBatch(learner, procs)
     resumed_from = step
+    graphed = (GraphedStep(learner, optimizer, lambda: autocast(device, s.precision, cache=False))
+               if graphs_usable(learner, device, procs.world, s.cuda_graphs) else None)
 
     def checkpoint() -> None:
         nonlocal saved_step
@@ -375,8 +383,11 @@ def meta_train(
                 batch = shared.begin_step(learner.draw_batch(source, gen, s.meta_batch, step + 1))
                 batch = batch.to(device, non_blocking=True)
                 try:
-                    with autocast(device, s.precision):
-                        metrics = learner.train_step(batch, optimizer, step + 1)
+                    if graphed is not None:
+                        metrics = graphed(batch, step + 1)
+                    else:
+                        with autocast(device, s.precision):
+                            metrics = learner.train_step(batch, optimizer, step + 1)
                 except NonFiniteLossError as exc:
                     raise NonFiniteLossError(f"{exc} (run directory: {out})" if out else str(exc)) from None
                 scheduler.step()

@@ -53,6 +53,15 @@ class MetaLearner(nn.Module):
         (``loss``, and ``accuracy`` in percent or ``mse``)."""
         raise NotImplementedError
 
+    def graphable_loss(self, batch: Any) -> Callable[[Any], tuple[Tensor, dict[str, Tensor], Tensor]] | None:
+        """For a CUDA-graph training step (:mod:`fastadapt.engine.graphs`): a function that, for
+        batches like ``batch`` (the same shapes, and what else this method reads from ``batch``
+        here, once), returns :meth:`meta_loss`'s loss, its metrics as tensors, and a boolean tensor
+        that is false for a batch that breaks those assumptions, without reading the GPU from the
+        host; or ``None`` where this configuration has none. Learners that offer one override
+        this; the trainer then captures their steps."""
+        raise NotImplementedError(f"{self.name} has no CUDA-graph training step")
+
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Any:
         """Fit one task on its support set; returns whatever :meth:`predict` needs."""
         raise NotImplementedError
@@ -112,8 +121,8 @@ class MetaLearner(nn.Module):
         return None
 
 
-def check_finite(loss: Tensor, where: str) -> None:
-    value = float(loss.detach())
+def check_finite(loss: Tensor | float, where: str) -> None:
+    value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
     if not math.isfinite(value):
         raise NonFiniteLossError(
             f"the loss became {value} at {where}; lower the learning rate (the last good checkpoint is kept)"

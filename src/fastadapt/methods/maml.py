@@ -318,6 +318,26 @@ class MAML(MetaLearner):
         loss = losses.mean()
         return loss, self._metrics(loss, score)
 
+    def graphable_loss(self, batch: Episode):
+        """The vmap path's meta-loss, for a CUDA-graph step (``None`` for the loop, whose per-task
+        backward passes are not one loss, and for subclasses with a meta-loss of their own). An
+        inner loss that is not finite makes the query loss non-finite too, which the captured step
+        reports and never applies."""
+        b = batch if batch.batched else Episode.stack([batch])
+        if self._mode(b) != "vmap" or type(self)._meta_loss is not MAML._meta_loss:
+            return None
+        key = "mse" if self.task_kind == "regression" else "accuracy"
+        scale = 1.0 if key == "mse" else 100.0
+
+        def loss_fn(batch: Episode) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+            b = batch if batch.batched else Episode.stack([batch])
+            losses, _, score = map_tasks(self._task, "vmap", b.support_x, b.support_y, b.query_x, b.query_y)
+            loss = losses.mean()
+            return loss, {"loss": loss.detach(), key: scale * score.mean()}, torch.ones((), dtype=torch.bool,
+                                                                                           device=loss.device)
+
+        return loss_fn
+
     #: Loop mode runs backward task by task (one task's graph alive at a time); methods whose
     #: meta-loss holds no graph across tasks (Reptile, iMAML) use :meth:`meta_loss` in both modes.
     per_task_backward: bool = True

@@ -1,0 +1,181 @@
+"""A meta-training step captured once as a CUDA graph and replayed.
+
+A small network's training step on a GPU is bound by the host: each of its ~100 kernels costs
+a Python call and a launch, and the GPU waits between them. A CUDA graph records the whole step
+(forward, backward and the fused Adam update) once and replays it with one call, so the step
+costs what its kernels cost. It needs a step whose shapes do not change and which never reads
+the GPU from the host while it runs: learners offer such a step through
+:meth:`fastadapt.methods.base.MetaLearner.graphable_loss` (ProtoNet does, and the MAML family
+in its vmap batching, the GPU default).
+
+How a run uses it (:class:`GraphedStep`):
+
+- the first :data:`WARMUP` steps run eagerly on a side stream (as PyTorch requires before a
+  capture; they are real training steps on real batches), the next one is captured and every
+  later one replays the graph after copying its batch into the graph's input tensors;
+- a batch of other shapes, or a learning rate the scheduler changed, is captured anew;
+- each step still reads its loss and metrics once, after the replay. A non-finite loss raises
+  :class:`~fastadapt.errors.NonFiniteLossError` and the captured update skips the weights (Adam's ``found_inf``,
+  as ``torch.amp.GradScaler`` uses it), so they stay as they were, as in the eager step;
+- a batch that breaks what the captured loss assumed (a different class count under the same
+  shapes) is refused in the same way, with a clear error.
+
+The step computes what :meth:`MetaLearner.train_step` computes, with the same kernels.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import fields, is_dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..methods.base import MetaLearner, check_finite
+
+#: Eager steps on a side stream before a capture (PyTorch's recipe uses three).
+WARMUP = 3
+
+LossFn = Callable[[Any], tuple[Tensor, dict[str, Tensor], Tensor]]
+
+
+def _tensors(batch: Any) -> list[Tensor]:
+    """The tensors of a batch (a dataclass of tensors, possibly nested), in a fixed order."""
+    if isinstance(batch, Tensor):
+        return [batch]
+    if is_dataclass(batch):
+        return [t for f in fields(batch) for t in _tensors(getattr(batch, f.name))]
+    raise TypeError(f"a captured step needs a batch of tensors, got {type(batch).__name__}")
+
+
+def _signature(batch: Any) -> tuple:
+    return tuple((tuple(t.shape), t.dtype, t.device) for t in _tensors(batch))
+
+
+def _owner(cls: type, name: str) -> type:
+    return next(c for c in cls.__mro__ if name in vars(c))
+
+
+def usable(learner: MetaLearner, device: torch.device, world: int, wanted: bool) -> bool:
+    """Whether a run captures its steps: asked for, on a GPU, in one process, and offered by the
+    learner: the class that defines its :meth:`~MetaLearner.meta_loss` (and any
+    :meth:`~MetaLearner.train_step` of its own) also defines
+    :meth:`~MetaLearner.graphable_loss`, so a subclass that changes the loss is never replaced by
+    its parent's captured one."""
+    if not (wanted and device.type == "cuda" and world == 1):
+        return False
+    cls = type(learner)
+    offered = _owner(cls, "graphable_loss")
+    return (offered is not MetaLearner and _owner(cls, "meta_loss") is offered
+            and _owner(cls, "train_step") in (MetaLearner, offered))
+
+
+class GraphedStep:
+    """``step(batch, step_number) -> metrics``: :meth:`MetaLearner.train_step` for ``learner`` and
+    ``optimizer`` (a fused ``torch.optim.Adam`` on the GPU), captured as a CUDA graph (see the
+    module docstring). ``context`` is entered around each recorded step (an autocast context)."""
+
+    def __init__(self, learner: MetaLearner, optimizer: torch.optim.Optimizer,
+                 context: Callable[[], Any]) -> None:
+        self.learner, self.optimizer, self.context = learner, optimizer, context
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._key: tuple | None = None
+        self._warm = 0
+        self._failed = False
+        self._stream = torch.cuda.Stream()
+        self._inputs: list[Tensor] = []
+        self._batch: Any = None
+        self._out: Tensor | None = None
+        self._names: list[str] = []
+        self._skip: Tensor | None = None
+        self.captures = 0
+
+    # ------------------------------------------------------------------ the recorded step
+    def _record(self, batch: Any, loss_fn: LossFn) -> tuple[Tensor, list[str]]:
+        """Zero the gradients, compute the loss, backward, a skipped-if-bad Adam update; returns the
+        packed ``[loss, metrics..., ok]`` and the metric names. No host reads."""
+        opt = self.optimizer
+        opt.zero_grad(set_to_none=True)
+        with self.context():
+            loss, metrics, valid = loss_fn(batch)
+        ok = torch.isfinite(loss.detach()) & valid
+        loss.backward()
+        self.learner.sync_gradients()
+        self._skip.copy_((~ok).float())
+        opt.found_inf = self._skip  # read by the fused Adam kernel: a bad step leaves the weights
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf
+        names = list(metrics)
+        packed = torch.stack([loss.detach().float(), *(metrics[k].detach().float() for k in names), ok.float()])
+        return packed, names
+
+    def _eager(self, batch: Any, loss_fn: LossFn) -> tuple[Tensor, list[str]]:
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
+            out = self._record(batch, loss_fn)
+        torch.cuda.current_stream().wait_stream(self._stream)
+        return out
+
+    def _capture(self, batch: Any, loss_fn: LossFn) -> None:
+        self._batch = batch  # the graph's inputs: later batches are copied into them
+        self._inputs = _tensors(batch)
+        groups = self.optimizer.param_groups
+        capturable = [g.get("capturable", False) for g in groups]
+        for g in groups:
+            g["capturable"] = True  # the fused kernel is the same; the flag only allows capture
+        graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            with torch.cuda.graph(graph, stream=self._stream):
+                self._out, self._names = self._record(batch, loss_fn)
+        finally:
+            for g, c in zip(groups, capturable):
+                g["capturable"] = c
+        self.graph = graph
+        self.captures += 1
+
+    # ------------------------------------------------------------------ one training step
+    def __call__(self, batch: Any, step: int) -> dict[str, float]:
+        if self._failed:
+            return self.learner.train_step(batch, self.optimizer, step)
+        if self._skip is None:
+            self._skip = torch.zeros((), device=_tensors(batch)[0].device)
+        key = (_signature(batch), tuple(float(g["lr"]) for g in self.optimizer.param_groups))
+        if self.graph is not None and key == self._key:
+            for dst, src in zip(self._inputs, _tensors(batch)):
+                dst.copy_(src, non_blocking=True)
+            self.graph.replay()
+            return self._read(self._out, step)
+        loss_fn = self.learner.graphable_loss(batch)
+        if loss_fn is None:  # the learner has no captured step for this configuration
+            self._failed = True
+            return self.learner.train_step(batch, self.optimizer, step)
+        if self._warm < WARMUP:  # real steps, eagerly, before the first capture
+            self._warm += 1
+            out, names = self._eager(batch, loss_fn)
+            self._names = names
+            return self._read(out, step)
+        try:
+            torch.cuda.synchronize()
+            self._capture(batch, loss_fn)
+        except Exception as exc:  # noqa: BLE001 - any capture failure: go on eagerly
+            self.graph, self._failed = None, True
+            warnings.warn(f"CUDA graph capture of the training step failed ({type(exc).__name__}: {exc}); "
+                          f"training goes on without it", RuntimeWarning, stacklevel=2)
+            return self.learner.train_step(batch, self.optimizer, step)
+        self._key = key
+        self.graph.replay()  # capturing records the step without running it
+        return self._read(self._out, step)
+
+    def _read(self, out: Tensor, step: int) -> dict[str, float]:
+        values = out.tolist()  # the one host read of a step
+        loss, metrics, ok = values[0], values[1:-1], values[-1]
+        if not ok:
+            check_finite(loss, f"meta-training step {step}")  # raises for a non-finite loss
+            raise ConfigError(f"meta-training step {step}: this batch does not fit the captured training step "
+                              f"(its class count changed); train with --no-cuda-graphs")
+        return dict(zip(self._names, metrics))
