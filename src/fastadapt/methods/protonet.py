@@ -26,7 +26,9 @@ def prototypes(embeddings: Tensor, labels: Tensor, ways: int) -> Tensor:
     """Class means ``[ways, D]`` of ``embeddings [N, D]`` with labels in ``0..ways-1``."""
     sums = torch.zeros(ways, embeddings.shape[-1], dtype=embeddings.dtype, device=embeddings.device)
     sums.index_add_(0, labels, embeddings)
-    counts = torch.bincount(labels, minlength=ways).to(embeddings.dtype)
+    # Counted by index_add_ rather than bincount, which reads its largest label from the GPU.
+    counts = torch.zeros(ways, dtype=embeddings.dtype, device=embeddings.device)
+    counts.index_add_(0, labels, torch.ones_like(labels, dtype=embeddings.dtype))
     return sums / counts[:, None]
 
 
