@@ -49,7 +49,10 @@ def _glyph_batches(n, ways=10, seed=0):
     return [source.sample_batch(g, 1) for _ in range(n)]
 
 
-def _close(a, b, tol=1e-4):
+def _close(a, b, tol=2e-3):
+    # Adam moves a weight whose gradient is near zero by about its learning rate in either
+    # direction, so the GPU's run-to-run rounding (atomics in convolution backward) may show up as
+    # differences of one or two learning rates after a few steps; the losses are compared tightly.
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(p, q, rtol=tol, atol=tol), name
     for (name, x), y in zip(a.named_buffers(), b.buffers()):

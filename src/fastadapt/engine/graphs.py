@@ -90,6 +90,7 @@ class GraphedStep:
         self._out: Tensor | None = None
         self._names: list[str] = []
         self._skip: Tensor | None = None
+        self._loss_fn: LossFn | None = None
         self.captures = 0
 
     # ------------------------------------------------------------------ the recorded step
@@ -123,6 +124,9 @@ class GraphedStep:
     def _capture(self, batch: Any, loss_fn: LossFn) -> None:
         self._batch = batch  # the graph's inputs: later batches are copied into them
         self._inputs = _tensors(batch)
+        # The graph reads every tensor the loss function holds (a learner's constants): they must
+        # outlive the capture, or their memory is reused while the graph still reads it.
+        self._loss_fn = loss_fn
         groups = self.optimizer.param_groups
         capturable = [g.get("capturable", False) for g in groups]
         for g in groups:
