@@ -111,7 +111,8 @@ class GraphedStep:
         finally:
             del opt.found_inf
         names = list(metrics)
-        packed = torch.stack([loss.detach().float(), *(metrics[k].detach().float() for k in names), ok.float()])
+        packed = torch.stack([loss.detach().float(), *(metrics[k].detach().float() for k in names),
+                              valid.float()])
         return packed, names
 
     def _eager(self, batch: Any, loss_fn: LossFn) -> tuple[Tensor, list[str]]:
@@ -177,9 +178,9 @@ class GraphedStep:
 
     def _read(self, out: Tensor, step: int) -> dict[str, float]:
         values = out.tolist()  # the one host read of a step
-        loss, metrics, ok = values[0], values[1:-1], values[-1]
-        if not ok:
-            check_finite(loss, f"meta-training step {step}")  # raises for a non-finite loss
+        loss, metrics, valid = values[0], values[1:-1], values[-1]
+        if not valid:  # its loss means nothing (and is often NaN): the assumptions come first
             raise ConfigError(f"meta-training step {step}: this batch does not fit the captured training step "
                               f"(its class count changed); train with --no-cuda-graphs")
+        check_finite(loss, f"meta-training step {step}")  # the update was skipped in the graph too
         return dict(zip(self._names, metrics))
