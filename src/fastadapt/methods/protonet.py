@@ -22,14 +22,15 @@ from ..precision import full_precision
 from .base import MetaLearner, hit_rate
 
 
+@full_precision
 def prototypes(embeddings: Tensor, labels: Tensor, ways: int) -> Tensor:
-    """Class means ``[ways, D]`` of ``embeddings [N, D]`` with labels in ``0..ways-1``."""
-    sums = torch.zeros(ways, embeddings.shape[-1], dtype=embeddings.dtype, device=embeddings.device)
-    sums.index_add_(0, labels, embeddings)
-    # Counted by index_add_ rather than bincount, which reads its largest label from the GPU.
-    counts = torch.zeros(ways, dtype=embeddings.dtype, device=embeddings.device)
-    counts.index_add_(0, labels, torch.ones_like(labels, dtype=embeddings.dtype))
-    return sums / counts[:, None]
+    """Class means ``[ways, D]`` of ``embeddings [N, D]`` with labels in ``0..ways-1``.
+
+    Summed by a product with the one-hot labels: the same bits from run to run on a GPU (an
+    ``index_add_`` adds with atomics, in a varying order), and no host read (``bincount`` reads
+    its largest label), so a CUDA graph can hold it."""
+    onehot = F.one_hot(labels, ways).to(embeddings.dtype)
+    return (onehot.T @ embeddings) / onehot.sum(0)[:, None]
 
 
 @full_precision
