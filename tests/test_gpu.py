@@ -82,7 +82,7 @@ def test_captured_protonet_steps_follow_the_eager_steps():
         m_e = eager.train_step(b, opt_e, i + 1)
         m_g = step(b, i + 1)
         assert set(m_e) == set(m_g) and abs(m_e["loss"] - m_g["loss"]) < 1e-3 * max(1.0, abs(m_e["loss"])), (i, m_e, m_g)
-    assert step.captures == 1 and step.graph is not None
+    assert step.captures == 1 and step.replay is not None
     _close(eager, graphed, len(batches) * 1e-3)
     held_out = _glyph_batches(1, seed=7)[0]
     _same_loss(eager, graphed, held_out)

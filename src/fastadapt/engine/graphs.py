@@ -72,31 +72,68 @@ def usable(learner: MetaLearner, device: torch.device, world: int, wanted: bool)
             and _owner(cls, "train_step") in (MetaLearner, offered))
 
 
+class CudaGraphs:
+    """How :class:`GraphedStep` runs and records steps on a GPU: eager steps on a side stream (as
+    PyTorch asks before a capture), captures with ``torch.cuda.graph`` on that stream, replays on
+    the current one. Another object with the same two methods can stand in for it (the tests run
+    the step's bookkeeping on the CPU with one that re-runs the step at each replay)."""
+
+    def __init__(self) -> None:
+        self.stream = torch.cuda.Stream()
+
+    def eager(self, fn: Callable[[], Tensor]) -> Tensor:
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            out = fn()
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return out
+
+    def capture(self, fn: Callable[[], Tensor], optimizer: torch.optim.Optimizer) -> Callable[[], Tensor]:
+        """Record ``fn`` (which returns one tensor) without running it; returns ``replay() ->`` that
+        tensor, refilled by the recorded kernels."""
+        torch.cuda.synchronize()
+        groups = optimizer.param_groups
+        capturable = [g.get("capturable", False) for g in groups]
+        for g in groups:
+            g["capturable"] = True  # the fused kernel is the same; the flag only allows capture
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=self.stream):
+                out = fn()
+        finally:
+            for g, c in zip(groups, capturable):
+                g["capturable"] = c
+
+        def replay() -> Tensor:
+            graph.replay()
+            return out
+
+        return replay
+
+
 class GraphedStep:
     """``step(batch, step_number) -> metrics``: :meth:`MetaLearner.train_step` for ``learner`` and
-    ``optimizer`` (a fused ``torch.optim.Adam`` on the GPU), captured as a CUDA graph (see the
-    module docstring). ``context`` is entered around each recorded step (an autocast context)."""
+    ``optimizer`` (a fused ``torch.optim.Adam``), recorded once and replayed (see the module
+    docstring). ``context`` is entered around each recorded step (an autocast context);
+    ``backend`` runs and records the steps (default :class:`CudaGraphs`)."""
 
     def __init__(self, learner: MetaLearner, optimizer: torch.optim.Optimizer,
-                 context: Callable[[], Any]) -> None:
+                 context: Callable[[], Any], backend: Any = None) -> None:
         self.learner, self.optimizer, self.context = learner, optimizer, context
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.backend = backend if backend is not None else CudaGraphs()
+        self.replay: Callable[[], Tensor] | None = None
         self._key: tuple | None = None
         self._warm = 0
         self._failed = False
-        self._stream = torch.cuda.Stream()
         self._inputs: list[Tensor] = []
-        self._batch: Any = None
-        self._out: Tensor | None = None
         self._names: list[str] = []
         self._skip: Tensor | None = None
-        self._loss_fn: LossFn | None = None
+        self._kept: tuple = ()
         self.captures = 0
 
-    # ------------------------------------------------------------------ the recorded step
-    def _record(self, batch: Any, loss_fn: LossFn) -> tuple[Tensor, list[str]]:
-        """Zero the gradients, compute the loss, backward, a skipped-if-bad Adam update; returns the
-        packed ``[loss, metrics..., ok]`` and the metric names. No host reads."""
+    def _record(self, batch: Any, loss_fn: LossFn) -> Tensor:
+        """Zero the gradients, compute the loss, backward, an Adam update skipped for a bad step;
+        returns ``[loss, metrics..., valid]`` packed in one tensor. No host reads."""
         opt = self.optimizer
         opt.zero_grad(set_to_none=True)
         with self.context():
@@ -110,71 +147,42 @@ class GraphedStep:
             opt.step()
         finally:
             del opt.found_inf
-        names = list(metrics)
-        packed = torch.stack([loss.detach().float(), *(metrics[k].detach().float() for k in names),
-                              valid.float()])
-        return packed, names
+        self._names = list(metrics)
+        return torch.stack([loss.detach().float(), *(metrics[k].detach().float() for k in self._names),
+                            valid.float()])
 
-    def _eager(self, batch: Any, loss_fn: LossFn) -> tuple[Tensor, list[str]]:
-        self._stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self._stream):
-            out = self._record(batch, loss_fn)
-        torch.cuda.current_stream().wait_stream(self._stream)
-        return out
-
-    def _capture(self, batch: Any, loss_fn: LossFn) -> None:
-        self._batch = batch  # the graph's inputs: later batches are copied into them
-        self._inputs = _tensors(batch)
-        # The graph reads every tensor the loss function holds (a learner's constants): they must
-        # outlive the capture, or their memory is reused while the graph still reads it.
-        self._loss_fn = loss_fn
-        groups = self.optimizer.param_groups
-        capturable = [g.get("capturable", False) for g in groups]
-        for g in groups:
-            g["capturable"] = True  # the fused kernel is the same; the flag only allows capture
-        graph = torch.cuda.CUDAGraph()
-        self.optimizer.zero_grad(set_to_none=True)
-        try:
-            with torch.cuda.graph(graph, stream=self._stream):
-                self._out, self._names = self._record(batch, loss_fn)
-        finally:
-            for g, c in zip(groups, capturable):
-                g["capturable"] = c
-        self.graph = graph
-        self.captures += 1
-
-    # ------------------------------------------------------------------ one training step
     def __call__(self, batch: Any, step: int) -> dict[str, float]:
         if self._failed:
             return self.learner.train_step(batch, self.optimizer, step)
         if self._skip is None:
             self._skip = torch.zeros((), device=_tensors(batch)[0].device)
         key = (_signature(batch), tuple(float(g["lr"]) for g in self.optimizer.param_groups))
-        if self.graph is not None and key == self._key:
+        if self.replay is not None and key == self._key:
             for dst, src in zip(self._inputs, _tensors(batch)):
                 dst.copy_(src, non_blocking=True)
-            self.graph.replay()
-            return self._read(self._out, step)
+            return self._read(self.replay(), step)
         loss_fn = self.learner.graphable_loss(batch)
-        if loss_fn is None:  # the learner has no captured step for this configuration
+        if loss_fn is None:  # the learner has no recorded step for this configuration
             self._failed = True
             return self.learner.train_step(batch, self.optimizer, step)
         if self._warm < WARMUP:  # real steps, eagerly, before the first capture
             self._warm += 1
-            out, names = self._eager(batch, loss_fn)
-            self._names = names
-            return self._read(out, step)
+            return self._read(self.backend.eager(lambda: self._record(batch, loss_fn)), step)
+        self.optimizer.zero_grad(set_to_none=True)
         try:
-            torch.cuda.synchronize()
-            self._capture(batch, loss_fn)
+            replay = self.backend.capture(lambda: self._record(batch, loss_fn), self.optimizer)
         except Exception as exc:  # noqa: BLE001 - any capture failure: go on eagerly
-            self.graph, self._failed = None, True
+            self.replay, self._failed = None, True
             warnings.warn(f"CUDA graph capture of the training step failed ({type(exc).__name__}: {exc}); "
                           f"training goes on without it", RuntimeWarning, stacklevel=2)
             return self.learner.train_step(batch, self.optimizer, step)
-        self._key = key
-        self.graph.replay()  # capturing records the step without running it
-        return self._read(self._out, step)
+        # The graph reads the batch it was recorded with (later batches are copied into it) and
+        # every tensor the loss function holds (a learner's constants): both must outlive it, or
+        # their memory is reused while the graph still reads it.
+        self._inputs, self._kept = _tensors(batch), (batch, loss_fn)
+        self.replay, self._key = replay, key
+        self.captures += 1
+        return self._read(self.replay(), step)  # capturing records the step without running it
 
     def _read(self, out: Tensor, step: int) -> dict[str, float]:
         values = out.tolist()  # the one host read of a step
