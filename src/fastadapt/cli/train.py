@@ -26,6 +26,7 @@ from ..engine.trainer import (CHECKPOINT, CURVE, METRICS, RunInterrupted, TrainS
 from ..errors import ConfigError, FastAdaptError
 from ..io import atomic_write_text, previous_checkpoint
 from .. import optim as _optim  # noqa: F401  (registers the learned optimizers)
+from ..engine.graphs import usable as graphs_usable
 from ..models.conv4 import apply_memory_format
 from ..precision import MEMORY_FORMATS, PRECISIONS
 from ..registry import BACKBONES, DATASETS, LEARNED_RULES, METHODS, OPTIMIZEES
@@ -287,6 +288,8 @@ def _train(args: argparse.Namespace, cls: Any, cfg: dict[str, Any], procs: Proce
     images = getattr(source, "kind", None) == IMAGE_FUNCTION
     extra = [f"batching {cfg['batching']}"] if "batching" in cfg else []
     extra += (["bf16 autocast"] if cfg["precision"] == "bf16" else []) + (["compiled"] if cfg["compile"] else [])
+    if graphs_usable(learner, torch.device(cfg["device"]), procs.world, settings.cuda_graphs):
+        extra.append("CUDA-graph steps")
     if "pretrain_batch" in cfg:  # ncm, qiao: a classifier of the training classes comes first
         pre = min(cfg.get("pretrain_steps", cfg["steps"]), cfg["steps"])
         extra.append(f"{'every iteration pre-trains' if pre == cfg['steps'] else f'iterations 1-{pre} pre-train'} a "
