@@ -152,3 +152,25 @@ def test_steps_without_a_recording_run_eagerly():
     assert step.captures == 0
     assert sum("capture of the training step failed" in str(w.message) for w in caught) == 1
     _equal(eager, net)
+
+
+def test_a_batch_that_is_not_tensors_runs_eagerly():
+    class Odd(ProtoNet):
+        def graphable_loss(self, batch):
+            return super().graphable_loss(batch.episode)
+
+        def meta_loss(self, batch):
+            return super().meta_loss(batch.episode)
+
+    class Wrapped:  # not a dataclass of tensors
+        def __init__(self, episode):
+            self.episode = episode
+
+    torch.manual_seed(0)
+    net = Odd(_protonet().backbone)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2, fused=True)
+    step = GraphedStep(net, opt, lambda: torch.autocast("cpu", enabled=False), backend := Rerun())
+    g = torch.Generator().manual_seed(4)
+    for i in range(WARMUP + 2):
+        assert set(step(Wrapped(_source().sample_batch(g, 2)), i + 1)) == {"loss", "accuracy"}
+    assert step.captures == 0 and backend.eager_steps == 0

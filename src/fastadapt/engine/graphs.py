@@ -152,11 +152,16 @@ class GraphedStep:
                             valid.float()])
 
     def __call__(self, batch: Any, step: int) -> dict[str, float]:
+        if not self._failed:
+            try:
+                signature = _signature(batch)
+            except TypeError:  # not a batch of tensors: nothing to record
+                self._failed = True
         if self._failed:
             return self.learner.train_step(batch, self.optimizer, step)
         if self._skip is None:
             self._skip = torch.zeros((), device=_tensors(batch)[0].device)
-        key = (_signature(batch), tuple(float(g["lr"]) for g in self.optimizer.param_groups))
+        key = (signature, tuple(float(g["lr"]) for g in self.optimizer.param_groups))
         if self.replay is not None and key == self._key:
             for dst, src in zip(self._inputs, _tensors(batch)):
                 dst.copy_(src, non_blocking=True)
