@@ -87,7 +87,8 @@ CORE_HELP: dict[str, tuple[dict[str, Any], str]] = {
                                                             "minutes on a CPU)"),
     "cuda_graphs": ({"action": argparse.BooleanOptionalAction}, "on a GPU, record the training step once as a CUDA "
                                                                 "graph and replay it, where the method offers one "
-                                                                "(protonet; one process)"),
+                                                                "(protonet; maml, fomaml, anil, metasgd with vmap "
+                                                                "batching; one process)"),
     "memory_format": ({"choices": list(MEMORY_FORMATS)}, "layout of Conv-4: auto is channels_last on a GPU and "
                                                          "for protonet (fused blocks, exact in either layout), else "
                                                          "nchw on the CPU, where channels-last is faster but its "

@@ -25,7 +25,7 @@ from ..errors import ConfigError, DataError
 from .episode import Episode, EpisodeWithClasses, LabelledBatch
 
 #: :meth:`EpisodeSampler.on_device` copies a pool to a GPU when it takes at most this share of
-#: the GPU's memory (Omniglot's background split at 28x28 is 15 MB; CIFAR-10's training set 150 MB).
+#: the GPU's memory (Omniglot's training pool at 28x28, rotations included, is 64 MB; CIFAR-10's 150 MB).
 DEVICE_POOL_SHARE = 0.1
 
 
