@@ -80,12 +80,12 @@ def test_recorded_steps_equal_eager_steps_and_follow_each_batch():
         opt.param_groups[0]["lr"] = 5e-3
     for i in range(3):
         b = _source().sample_batch(g, 2)
-        _same(eager.train_step(b, opt_e, 20 + i), step(b, 20 + i))
+        _same(eager.train_step(b, opt_e, 100 + i), step(b, 100 + i))
     assert step.captures == 2
     _equal(eager, rec)
     # So is a batch of other shapes.
     b = _source().sample_batch(g, 3)
-    _same(eager.train_step(b, opt_e, 30), step(b, 30))
+    _same(eager.train_step(b, opt_e, 200), step(b, 200))
     assert step.captures == 3
     _equal(eager, rec)
 
@@ -107,12 +107,16 @@ def test_a_bad_recorded_step_is_refused_and_changes_nothing():
     fewer = type(bad)(bad.support_x, bad.support_y.clamp(max=2), bad.query_x, bad.query_y.clamp(max=2))
     with pytest.raises(ConfigError, match="class count"):
         step(fewer, 10)
+    # A query label past the recorded classes is refused too (on a GPU it would stop the device).
+    beyond = type(bad)(bad.support_x, bad.support_y, bad.query_x, bad.query_y + 1)
+    with pytest.raises(ConfigError, match="class count"):
+        step(beyond, 11)
     for k, v in net.named_parameters():
         assert torch.equal(v, params[k]), f"a refused step changed {k}"
     for k, s in enumerate(opt.state.values()):
         for n, t in s.items():
             assert torch.equal(t, state[k][n]), f"a refused step changed Adam's {n}"
-    step(batches[-1], 11)  # and training goes on
+    step(batches[-1], 12)  # and training goes on
     assert any(not torch.equal(v, params[k]) for k, v in net.named_parameters())
 
 
@@ -174,3 +178,31 @@ def test_a_batch_that_is_not_tensors_runs_eagerly():
     for i in range(WARMUP + 2):
         assert set(step(Wrapped(_source().sample_batch(g, 2)), i + 1)) == {"loss", "accuracy"}
     assert step.captures == 0 and backend.eager_steps == 0
+
+
+def test_eager_fallbacks_keep_the_autocast_context_and_fast_changes_stop_recording():
+    entered = []
+
+    class Context:
+        def __enter__(self):
+            entered.append(1)
+
+        def __exit__(self, *exc):
+            return False
+
+    # A learning rate that changes every step: recorded once, then eager with a warning.
+    (eager, opt_e), (net, opt_n) = _pair(_protonet)
+    step = GraphedStep(net, opt_n, Context, Rerun())
+    g = torch.Generator().manual_seed(5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(WARMUP + 4):
+            for opt in (opt_e, opt_n):
+                opt.param_groups[0]["lr"] = 1e-2 / (i + 1)
+            b = _source().sample_batch(g, 2)
+            entered.clear()
+            _same(eager.train_step(b, opt_e, i + 1), step(b, i + 1))
+            assert entered, f"step {i + 1} ran outside the autocast context"
+    assert step.captures == 1
+    assert sum("runs without CUDA graphs" in str(w.message) for w in caught) == 1
+    _equal(eager, net)

@@ -136,7 +136,19 @@ def test_only_learners_that_define_their_own_captured_loss_are_captured():
     from fastadapt.methods.maml import MAML
     from fastadapt.methods.reptile import Reptile
     assert usable(MAML(nn.Sequential(nn.Flatten(), nn.Linear(64, 4))), cuda, 1, True)
+    assert not usable(MAML(nn.Sequential(nn.Flatten(), nn.Linear(64, 4)), batching="loop"), cuda, 1, True)
     assert not usable(Reptile(nn.Sequential(nn.Flatten(), nn.Linear(64, 4))), cuda, 1, True)
+    from fastadapt.methods.imaml import IMAML
+    assert not usable(IMAML(nn.Sequential(nn.Flatten(), nn.Linear(64, 4))), cuda, 1, True)  # its own meta-loss
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's imports
+def test_compiled_learners_are_not_captured():
+    from fastadapt.engine.graphs import usable
+
+    compiled = tiny_learner()
+    compiled.compile_networks()
+    assert not usable(compiled, torch.device("cuda"), 1, True)
 
 
 def test_captured_losses_equal_the_eager_meta_losses():

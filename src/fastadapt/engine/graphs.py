@@ -37,6 +37,9 @@ from ..methods.base import MetaLearner, check_finite
 
 #: Eager steps on a side stream before a capture (PyTorch's recipe uses three).
 WARMUP = 3
+#: A step that must be recorded anew within this many steps of its last recording (a schedule
+#: that changes the learning rate every few steps) runs eagerly from then on: recording costs more.
+MIN_REPLAYS = 50
 
 LossFn = Callable[[Any], tuple[Tensor, dict[str, Tensor], Tensor]]
 
@@ -59,17 +62,19 @@ def _owner(cls: type, name: str) -> type:
 
 
 def usable(learner: MetaLearner, device: torch.device, world: int, wanted: bool) -> bool:
-    """Whether a run captures its steps: asked for, on a GPU, in one process, and offered by the
-    learner: the class that defines its :meth:`~MetaLearner.meta_loss` (and any
-    :meth:`~MetaLearner.train_step` of its own) also defines
-    :meth:`~MetaLearner.graphable_loss`, so a subclass that changes the loss is never replaced by
-    its parent's captured one."""
+    """Whether a run captures its steps: asked for, on a GPU, in one process, not compiled, and
+    offered by the learner in its configuration (:meth:`~MetaLearner.records_steps`): the class
+    that defines its :meth:`~MetaLearner.meta_loss` (and any :meth:`~MetaLearner.train_step` of
+    its own) also defines :meth:`~MetaLearner.graphable_loss`, so a subclass that changes the
+    loss is never replaced by its parent's captured one."""
     if not (wanted and device.type == "cuda" and world == 1):
         return False
+    if any(getattr(m, "_compiled_call_impl", None) is not None for m in learner.modules()):
+        return False  # torch.compile (--compile) records its own graphs
     cls = type(learner)
     offered = _owner(cls, "graphable_loss")
     return (offered is not MetaLearner and _owner(cls, "meta_loss") is offered
-            and _owner(cls, "train_step") in (MetaLearner, offered))
+            and _owner(cls, "train_step") in (MetaLearner, offered) and learner.records_steps(device))
 
 
 class CudaGraphs:
@@ -129,7 +134,13 @@ class GraphedStep:
         self._names: list[str] = []
         self._skip: Tensor | None = None
         self._kept: tuple = ()
+        self._recorded_at = 0
         self.captures = 0
+
+    def _eager_step(self, batch: Any, step: int) -> dict[str, float]:
+        """The learner's own step, in the same autocast context as a recorded one."""
+        with self.context():
+            return self.learner.train_step(batch, self.optimizer, step)
 
     def _record(self, batch: Any, loss_fn: LossFn) -> Tensor:
         """Zero the gradients, compute the loss, backward, an Adam update skipped for a bad step;
@@ -158,7 +169,7 @@ class GraphedStep:
             except TypeError:  # not a batch of tensors: nothing to record
                 self._failed = True
         if self._failed:
-            return self.learner.train_step(batch, self.optimizer, step)
+            return self._eager_step(batch, step)
         if self._skip is None:
             self._skip = torch.zeros((), device=_tensors(batch)[0].device)
         key = (signature, tuple(float(g["lr"]) for g in self.optimizer.param_groups))
@@ -169,25 +180,36 @@ class GraphedStep:
         loss_fn = self.learner.graphable_loss(batch)
         if loss_fn is None:  # the learner has no recorded step for this configuration
             self._failed = True
-            return self.learner.train_step(batch, self.optimizer, step)
+            return self._eager_step(batch, step)
+        if self.replay is not None and step - self._recorded_at < MIN_REPLAYS:
+            self._failed = True  # it changes too often to gain from recording
+            self._release()
+            warnings.warn(f"the training step changed {step - self._recorded_at} steps after it was recorded "
+                          f"(a learning rate or batch shape that keeps changing); it runs without CUDA graphs "
+                          f"from now on", RuntimeWarning, stacklevel=2)
+            return self._eager_step(batch, step)
         if self._warm < WARMUP:  # real steps, eagerly, before the first capture
             self._warm += 1
             return self._read(self.backend.eager(lambda: self._record(batch, loss_fn)), step)
+        self._release()  # the previous recording's memory, before the new one takes its own
         self.optimizer.zero_grad(set_to_none=True)
         try:
             replay = self.backend.capture(lambda: self._record(batch, loss_fn), self.optimizer)
         except Exception as exc:  # noqa: BLE001 - any capture failure: go on eagerly
-            self.replay, self._failed = None, True
+            self._failed = True
             warnings.warn(f"CUDA graph capture of the training step failed ({type(exc).__name__}: {exc}); "
                           f"training goes on without it", RuntimeWarning, stacklevel=2)
-            return self.learner.train_step(batch, self.optimizer, step)
+            return self._eager_step(batch, step)
         # The graph reads the batch it was recorded with (later batches are copied into it) and
         # every tensor the loss function holds (a learner's constants): both must outlive it, or
         # their memory is reused while the graph still reads it.
         self._inputs, self._kept = _tensors(batch), (batch, loss_fn)
-        self.replay, self._key = replay, key
+        self.replay, self._key, self._recorded_at = replay, key, step
         self.captures += 1
         return self._read(self.replay(), step)  # capturing records the step without running it
+
+    def _release(self) -> None:
+        self.replay, self._key, self._inputs, self._kept = None, None, [], ()
 
     def _read(self, out: Tensor, step: int) -> dict[str, float]:
         values = out.tolist()  # the one host read of a step

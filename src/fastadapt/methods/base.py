@@ -62,6 +62,11 @@ class MetaLearner(nn.Module):
         this; the trainer then captures their steps."""
         raise NotImplementedError(f"{self.name} has no CUDA-graph training step")
 
+    def records_steps(self, device: torch.device | str) -> bool:
+        """Whether :meth:`graphable_loss` gives a step to record in this configuration on
+        ``device`` (a learner that offers one for some configurations only overrides this)."""
+        return True
+
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Any:
         """Fit one task on its support set; returns whatever :meth:`predict` needs."""
         raise NotImplementedError

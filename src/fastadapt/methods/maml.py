@@ -318,13 +318,20 @@ class MAML(MetaLearner):
         loss = losses.mean()
         return loss, self._metrics(loss, score)
 
+    def records_steps(self, device: torch.device | str) -> bool:
+        """Only the vmap batching is one loss (the loop runs a backward pass per task), and only
+        with this class's meta-loss and metrics (iMAML's and learned-init's are their own)."""
+        mode = self._auto_mode(torch.device(device)) if self.batching == "auto" else self.batching
+        return (mode == "vmap" and type(self)._meta_loss is MAML._meta_loss
+                and type(self)._metrics is MAML._metrics)
+
     def graphable_loss(self, batch: Episode):
-        """The vmap path's meta-loss, for a CUDA-graph step (``None`` for the loop, whose per-task
-        backward passes are not one loss, and for subclasses with a meta-loss of their own). An
-        inner loss that is not finite makes the query loss non-finite too, which the captured step
-        reports and never applies."""
+        """The vmap path's meta-loss, for a CUDA-graph step (``None`` where :meth:`records_steps`
+        says no). An inner loss that is not finite makes the query loss non-finite too, which the
+        captured step reports and never applies."""
         b = batch if batch.batched else Episode.stack([batch])
-        if self._mode(b) != "vmap" or type(self)._meta_loss is not MAML._meta_loss:
+        self._mode(b)  # decides batching: auto
+        if not self.records_steps(b.support_x.device):
             return None
         key = "mse" if self.task_kind == "regression" else "accuracy"
         scale = 1.0 if key == "mse" else 100.0

@@ -89,12 +89,12 @@ class ProtoNet(MetaLearner):
         """Each task's class count (its largest support label + 1), on the batch's device."""
         return torch.stack([ep.support_y.max() for ep in batch.tasks()]) + 1
 
-    def _losses(self, batch: Episode, ways: list[int]) -> tuple[Tensor, Tensor]:
-        """The mean episode loss and query hit rate over the tasks of ``batch`` (with ``ways``
-        classes each), as tensors."""
+    def _losses(self, tasks: list[Episode], ways: list[int]) -> tuple[Tensor, Tensor]:
+        """The mean episode loss and query hit rate over ``tasks`` (with ``ways`` classes each),
+        as tensors."""
         losses, hits = [], []
         with fused_blocks():  # the episode loss is differentiated once
-            for ep, w in zip(batch.tasks(), ways):
+            for ep, w in zip(tasks, ways):
                 logits = self.logits(ep.support_x, ep.support_y, ep.query_x, w)
                 losses.append(F.cross_entropy(logits, ep.query_y))
                 hits.append(hit_rate(logits.detach(), ep.query_y))
@@ -102,7 +102,7 @@ class ProtoNet(MetaLearner):
 
     def meta_loss(self, batch: Episode) -> tuple[Tensor, dict[str, float]]:
         # Every task's class count in one read from the device, before any work is queued.
-        loss, acc = self._losses(batch, self._class_counts(batch).tolist())
+        loss, acc = self._losses(batch.tasks(), self._class_counts(batch).tolist())
         value, acc = torch.stack([loss.detach(), acc]).tolist()  # one read for both
         return loss, {"loss": value, "accuracy": 100.0 * acc}
 
@@ -112,8 +112,16 @@ class ProtoNet(MetaLearner):
         fixed = ways.tolist()
 
         def loss_fn(b: Episode) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-            loss, acc = self._losses(b, fixed)
-            return loss, {"loss": loss.detach(), "accuracy": 100.0 * acc}, (self._class_counts(b) == ways).all()
+            # Labels are clamped into each task's classes (an index out of range would stop the
+            # GPU); a batch whose labels needed it is flagged, like one with other class counts.
+            tasks, safe = b.tasks(), []
+            valid = (self._class_counts(b) == ways).all()
+            for ep, w in zip(tasks, fixed):
+                sy, qy = ep.support_y.clamp(0, w - 1), ep.query_y.clamp(0, w - 1)
+                valid = valid & (sy == ep.support_y).all() & (qy == ep.query_y).all()
+                safe.append(Episode(ep.support_x, sy, ep.query_x, qy))
+            loss, acc = self._losses(safe, fixed)
+            return loss, {"loss": loss.detach(), "accuracy": 100.0 * acc}, valid
 
         return loss_fn
 

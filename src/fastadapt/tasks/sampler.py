@@ -141,7 +141,9 @@ class EpisodeSampler:
         # index_select is several times faster than advanced indexing for this gather.
         rows = rows.reshape(-1).to(self._images.device, non_blocking=True)
         raw = self._images.index_select(0, rows)
-        return raw.float().div_(255.0) if self._lut is None else self._lut.take(raw.long())
+        if self._lut is None:
+            return raw.float().div_(255.0)
+        return self._lut.index_select(0, raw.reshape(-1).int()).view(raw.shape)
 
     def _check_sizes(self) -> None:
         for name, value, low in (("ways", self.ways, 2), ("shots", self.shots, 1), ("queries", self.queries, 1)):
