@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -9,7 +10,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -50,6 +51,29 @@ def matmul_ceiling(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int 
         a @ b
         times.append(time.perf_counter() - t)
     return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+@contextlib.contextmanager
+def conv4_layers_free() -> Iterator[None]:
+    """Within this block every Conv-4 runs only its convolutions: each block's BatchNorm, ReLU and
+    max-pooling are replaced by a strided view (every second pixel), the cheapest operation with
+    the pooled output's shape. The arithmetic is wrong on purpose: a step timed this way keeps
+    everything else as it is (convolutions, head, loss, inner update, autograd), so its time is
+    a measured lower bound for any implementation of those three layers, fused or not."""
+    from fastadapt.models.conv4 import Conv4
+
+    def convolutions_only(self: Conv4, x: torch.Tensor) -> torch.Tensor:
+        for block in self.encoder:
+            x = block[0](x)
+            x = x[..., : x.shape[-2] // 2 * 2 : 2, : x.shape[-1] // 2 * 2 : 2]
+        return x.flatten(1)
+
+    forward = Conv4.forward
+    Conv4.forward = convolutions_only
+    try:
+        yield
+    finally:
+        Conv4.forward = forward
 
 
 def rss_mb(field: str) -> float:

@@ -7,12 +7,17 @@ Compared in the same process, on the same meta-batch, at the same gradients:
   summed and one ``backward`` (the way most MAML code does it);
 * ``ours-loop`` / ``ours-vmap``: fastadapt's MAML (one functional inner loop, ``torch.func``),
   tasks run as a loop (backward per task) or under ``vmap``; ``ours-loop-unfused``: the loop with
-  Conv-4's fused BatchNorm/ReLU/max-pool blocks switched off (``fastadapt.models.fused.ENABLED``).
+  Conv-4's fused BatchNorm/ReLU/max-pool blocks switched off (``fastadapt.models.fused.ENABLED``);
+* ``ours-loop-bound``: a timing bound, not an implementation: the loop with every Conv-4
+  BatchNorm, ReLU and max-pool (both passes) replaced by a strided view (``conv4_layers_free``
+  in ``_common.py``; its gradient is not checked). No implementation of those layers can make the
+  loop faster than this; plain / bound is the most any of them could gain.
 
 Each worker also counts the meta-iteration's FLOPs (``FlopCounterMode`` on the plain loop), measures
 the process's fp32 matrix-multiply ceiling, reports the GFLOP/s each implementation reaches against
-it, and profiles one ``ours-loop`` iteration for the share of its time spent in convolutions (a
-bound on what any change outside the convolution kernels can gain).
+it, and profiles one ``ours-loop`` iteration for the share of its time spent in convolutions (the
+profiler's attribution: a looser bound on what any change outside the convolution kernels can
+gain than the measured ``ours-loop-bound``, which also keeps the head, inner update and autograd).
 
 Each setting (glibc allocator default or tuned, 1 or 2 torch threads) runs in a fresh process;
 also timed there: one ProtoNet 5-way 1-shot episode (forward + backward). Gradients of the
@@ -71,7 +76,7 @@ def plain_maml_grads(params, batch, inner_lr, steps, first_order=False):
 def worker(reps: int, tasks: int, queries: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from _common import matmul_ceiling
+    from _common import conv4_layers_free, matmul_ceiling
     from fastadapt.methods import MAML, ProtoNet
     from fastadapt.models import Conv4, fused
     from fastadapt.tasks import Episode
@@ -105,9 +110,15 @@ def worker(reps: int, tasks: int, queries: int) -> dict:
             return [p.grad for p in learner.model.parameters()]
         return f
 
+    def run_bound():
+        with conv4_layers_free():
+            learner._backward(batch, "loop", 0)
+
     impls = {"plain": run_plain, "ours-loop": run_ours("loop"), "ours-loop-unfused": run_ours("loop", False),
              "ours-vmap": run_ours("vmap")}
     grads = {k: [t.clone() for t in f()] for k, f in impls.items()}  # also the warm-up
+    impls["ours-loop-bound"] = run_bound  # timed only: its gradient is wrong on purpose
+    run_bound()
     ref = grads["plain"]
 
     def rel(a, b):  # relative difference of the whole gradient vector
@@ -152,8 +163,8 @@ def worker(reps: int, tasks: int, queries: int) -> dict:
     medians = {k: statistics.median(v) for k, v in times.items()}
     return {"seconds_per_meta_iteration": medians,
             "gflop_per_meta_iteration": flops / 1e9, "matmul_ceiling_gflops": ceiling,
-            "gflops": {k: flops / 1e9 / v for k, v in medians.items()},
-            "fraction_of_ceiling": {k: flops / 1e9 / v / ceiling for k, v in medians.items()},
+            "gflops": {k: flops / 1e9 / v for k, v in medians.items() if k != "ours-loop-bound"},
+            "fraction_of_ceiling": {k: flops / 1e9 / v / ceiling for k, v in medians.items() if k != "ours-loop-bound"},
             "convolution_share_ours_loop": conv / total,
             "all_seconds": times, "grad_max_rel_diff_vs_plain": grad_check, "grad_norm": grad_norm,
             "protonet_episode_seconds": statistics.median(proto_times),
@@ -189,7 +200,8 @@ def main() -> None:
             res.update(allocator=alloc, threads=threads, wall_seconds=round(time.time() - t0, 1))
             s = res["seconds_per_meta_iteration"]
             print(f"threads={threads} allocator={alloc}: plain {s['plain']:.3f} s, ours-loop {s['ours-loop']:.3f} s "
-                  f"(unfused {s['ours-loop-unfused']:.3f} s), ours-vmap {s['ours-vmap']:.3f} s, protonet episode "
+                  f"(unfused {s['ours-loop-unfused']:.3f} s; with BatchNorm/ReLU/pool free {s['ours-loop-bound']:.3f} s), "
+                  f"ours-vmap {s['ours-vmap']:.3f} s, protonet episode "
                   f"{res['protonet_episode_seconds'] * 1e3:.1f} ms; grad rel diff {res['grad_max_rel_diff_vs_plain']}; "
                   f"{res['gflop_per_meta_iteration']:.0f} GFLOP per meta-iteration, ours-loop at "
                   f"{res['gflops']['ours-loop']:.0f} GFLOP/s of a {res['matmul_ceiling_gflops']:.0f} GFLOP/s matmul "
@@ -200,8 +212,10 @@ def main() -> None:
         s = r["seconds_per_meta_iteration"]
         r["speedup_vs_plain"] = {k: s["plain"] / s[k] for k in ("ours-loop", "ours-loop-unfused", "ours-vmap")}
         r["speedup_best_vs_plain"] = s["plain"] / min(s["ours-loop"], s["ours-vmap"])
-        # The fastest the loop could be if everything but its convolutions took no time.
+        # The fastest the loop could be if everything but its convolutions took no time (profiled share) ...
         r["convolution_bound_speedup_vs_plain"] = s["plain"] / (s["ours-loop"] * r["convolution_share_ours_loop"])
+        # ... and, measured, if only its BatchNorm, ReLU and max-pooling took no time.
+        r["layers_free_bound_speedup_vs_plain"] = s["plain"] / s["ours-loop-bound"]
     payload = {"budget": f"{args.reps} timed meta-iterations per implementation and setting (medians)"}
     payload.update(setup={"method": "MAML second order", "ways": 5, "shots": 1, "queries_per_class": args.queries,
                           "meta_batch": args.tasks, "inner_steps": 1, "inner_lr": 0.4, "backbone": "conv4 28x28",
@@ -218,12 +232,14 @@ def plot(settings: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     labels = [f"{r['threads']} thr\n{r['allocator']} malloc" for r in settings]
-    impls = ["plain", "ours-loop", "ours-loop-unfused", "ours-vmap"]
+    impls = ["plain", "ours-loop", "ours-loop-unfused", "ours-vmap", "ours-loop-bound"]
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
-    width = 0.2
+    width = 0.16
     for j, k in enumerate(impls):
-        ax.bar([i + (j - 1.5) * width for i in range(len(settings))],
-               [r["seconds_per_meta_iteration"][k] for r in settings], width, label=k)
+        ax.bar([i + (j - 2) * width for i in range(len(settings))],
+               [r["seconds_per_meta_iteration"][k] for r in settings], width,
+               label="bound: BatchNorm/ReLU/pool free" if k == "ours-loop-bound" else k,
+               hatch="//" if k == "ours-loop-bound" else None)
     ax.set_xticks(range(len(settings)))
     ax.set_xticklabels(labels)
     ax.set_ylabel("seconds per meta-iteration")

@@ -12,6 +12,11 @@ meta-batch 32, one inner step, second order) on Omniglot (or the built-in glyphs
 3. accuracy after the same short training (``--train-steps``) from the same initial weights in
    fp32, bf16 and bf16 in the other layout, each evaluated on the same test episodes (mean ± 95% CI).
 
+For MAML it also times two bounds, not implementations: fp32 and bf16 steps with every Conv-4
+BatchNorm, ReLU and max-pool replaced by a strided view (``conv4_layers_free`` in
+``_common.py``): fp32 / "bf16 bound" is the most bf16 could gain over fp32 if those layers cost
+nothing in bf16 (and stayed as they are in fp32).
+
 It also measures the machine's matrix-multiply ceiling in fp32 and bf16 so the speed-up can be
 read against what the hardware allows.
 
@@ -21,6 +26,7 @@ read against what the hardware allows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import sys
 import time
@@ -29,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import matmul_ceiling, require_clean_tree, save  # noqa: E402
+from _common import conv4_layers_free, matmul_ceiling, require_clean_tree, save  # noqa: E402
 
 from fastadapt.config import resolve  # noqa: E402
 from fastadapt.data import build_task_source  # noqa: E402
@@ -117,11 +123,16 @@ def main() -> None:
             except ConfigError as exc:
                 print(f"{method}: compile skipped ({exc})")
         grads = {name: step(m, batch, p) for name, (m, p) in variants.items()}  # also warms up / compiles
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(args.reps):
-            for name, (m, p) in variants.items():
-                t = time.perf_counter()
+        bounds = {f"{p} bound": (learner, p) for p in ("fp32", "bf16")} if method == "maml" else {}
+        for m, p in bounds.values():  # warm-up; timed only, their gradients are wrong on purpose
+            with conv4_layers_free():
                 step(m, batch, p)
+        times: dict[str, list[float]] = {name: [] for name in [*variants, *bounds]}
+        for _ in range(args.reps):
+            for name, (m, p) in [*variants.items(), *bounds.items()]:
+                t = time.perf_counter()
+                with conv4_layers_free() if name in bounds else contextlib.nullcontext():
+                    step(m, batch, p)
                 times[name].append(time.perf_counter() - t)
         ref = grads["fp32"]
         row = {"seconds_per_step": {k: median(v) for k, v in times.items()},
