@@ -44,7 +44,7 @@ RUNS = {
 
 def run(method: str, data: dict[str, Any], device: str, precision: str, budget: float, eval_every: int | None,
         val_episodes: int, test_episodes: int, quick: bool, cuda_graphs: bool = True,
-        lr_decay_every: int = 0) -> dict[str, Any]:
+        lr_decay_every: int = 0, iterations: int = 0) -> dict[str, Any]:
     r = RUNS[method]
     eval_every = eval_every or r["eval_every"]
     sizes = {"ways": 5 if quick else r["ways"], "shots": r["shots"], "queries": 5 if quick else r["queries"]}
@@ -64,7 +64,7 @@ def run(method: str, data: dict[str, Any], device: str, precision: str, budget: 
             print(f"{method}: {row['train_seconds']:7.1f} s, iteration {row['step']}: {row['val_accuracy']:.2f} %",
                   flush=True)
 
-    settings = TrainSettings(steps=10 ** 9, meta_batch=2 if quick else r["meta_batch"], lr=r["lr"], device=device,
+    settings = TrainSettings(steps=iterations or 10 ** 9, meta_batch=2 if quick else r["meta_batch"], lr=r["lr"], device=device,
                              checkpoint_every=0, log_every=eval_every, val_every=eval_every,
                              val_episodes=val_episodes, max_train_seconds=budget, progress=False, precision=precision,
                              cuda_graphs=cuda_graphs, lr_decay_every=lr_decay_every)
@@ -75,7 +75,7 @@ def run(method: str, data: dict[str, Any], device: str, precision: str, budget: 
           f"({result.step} iterations, {result.episodes_per_s:.1f} episodes/s, peak {result.peak_mem_mb:.0f} MB); "
           f"reference {r['target']} % reached at {reached if reached is not None else 'not reached'} s", flush=True)
     return {"setting": {**sizes, "meta_batch": settings.meta_batch, **decided, "cuda_graphs": cuda_graphs,
-                        "lr_decay_every": lr_decay_every},
+                        "lr_decay_every": lr_decay_every, "max_iterations": iterations or None},
             "curve": curve,
             "final": {k: final[k] for k in ("accuracy", "ci95", "episodes")}, "iterations": result.step,
             "train_seconds": result.train_seconds, "episodes_per_s": result.episodes_per_s,
@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--lr-decay-every", type=int, default=0,
                     help="halve the Adam rate every N iterations (ProtoNet's paper: 2000); default 0, a constant "
                          "rate, as every recorded row")
+    ap.add_argument("--iterations", type=int, default=0,
+                    help="also stop after N training iterations (default 0: the time budget alone); for comparing "
+                         "schedules at the same number of iterations on a slower device")
     ap.add_argument("--quick", action="store_true", help="a check of seconds: built-in glyphs, 5-way episodes (with --device cpu where no GPU is)")
     ap.add_argument("--name", default=None, help="result file name (default gpu_time_to_accuracy[_quick])")
     ap.add_argument("--plot", nargs="+", metavar="JSON", help="only draw the curves of saved result files "
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             data = {"dataset": "omniglot"}  # downloaded into the cache
     out = {"device": args.device, "precision": args.precision, "budget_s": args.budget, "dataset": data["dataset"],
            "methods": {m: run(m, data, args.device, args.precision, args.budget, args.eval_every, args.val_episodes,
-                              args.test_episodes, args.quick, args.cuda_graphs, args.lr_decay_every)
+                              args.test_episodes, args.quick, args.cuda_graphs, args.lr_decay_every, args.iterations)
                        for m in args.methods.split(",")}}
     name = args.name or ("gpu_time_to_accuracy_quick" if args.quick else "gpu_time_to_accuracy")
     path = save(name, out)
