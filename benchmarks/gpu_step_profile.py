@@ -15,7 +15,10 @@ measured in one run on the same machine so that their ratios compare:
 - ``cudnn_benchmark``: ``torch.backends.cudnn.benchmark = True``;
 - ``nchw``: the Conv-4 backbone kept in the default (NCHW) memory format instead of channels-last;
 - ``prefetch``: ``host_pool`` with the next batch drawn and copied (from pinned memory) in a
-  background thread while the GPU runs the current step.
+  background thread while the GPU runs the current step;
+- ``grouped`` / ``grouped32`` (MAML only): ``--batching grouped`` (grouped convolutions and
+  PyTorch's batch-norm kernel instead of vmap's batching rules; run eagerly, no CUDA graph) in
+  groups of 8 tasks, or the whole meta-batch of 32 as one group.
 
 A ``torch.profiler`` table of the ``base`` variant (top operations by self CPU and by CUDA time),
 taken over 20 further steps after the timed ones, is printed and saved with the figures.
@@ -51,7 +54,9 @@ RUNS = {
     "protonet": ({"ways": 60, "shots": 5, "queries": 15}, 1, {}),
     "maml": ({"ways": 5, "shots": 1, "queries": 15}, 32, {"inner_lr": 0.4, "inner_steps": 1}),
 }
-VARIANTS = ("base", "eager", "host_pool", "before", "threads1", "cudnn_benchmark", "nchw", "prefetch")
+VARIANTS = ("base", "eager", "host_pool", "before", "threads1", "cudnn_benchmark", "nchw", "prefetch", "grouped",
+            "grouped32")
+GROUPED = {"grouped": 8, "grouped32": 32}  # MAML's --batching grouped, tasks per group
 
 
 def _pinned(batch: Any) -> Any:
@@ -66,10 +71,14 @@ def measure(method: str, data: dict[str, Any], device: torch.device, variant: st
     device_pool = not on & {"host_pool", "before", "prefetch"}
     torch.set_num_threads(1 if "threads1" in on else threads)
     torch.backends.cudnn.benchmark = "cudnn_benchmark" in on
+    if variant in GROUPED:
+        options = {**options, "batching": "grouped"}
     cfg = resolve(method, {}, {**data, **sizes, **options})
     source = build_task_source({**cfg, "progress": False}, "train", sizes["ways"], sizes["shots"], sizes["queries"])
     torch.manual_seed(0)
     learner = METHODS.get(method).from_config(cfg, source.in_shape)
+    if variant in GROUPED:
+        learner.group_size = GROUPED[variant]
     learner.decide_run_options(device)
     apply_memory_format(learner, "nchw" if "nchw" in on else "auto", device)  # base: what `fastadapt train` does
     learner.to(device).train()
@@ -166,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for method in args.methods.split(","):
         results[method] = {v: measure(method, data, device, v, args.steps, args.warmup, threads, v == "base")
-                           for v in args.variants.split(",")}
+                           for v in args.variants.split(",") if method == "maml" or v not in GROUPED}
     out = {"device": str(device), "default_threads": threads, "results": results}
     save(args.name, out)
     return out

@@ -4,8 +4,9 @@ Second-order MAML (5-way 1-shot, 5 queries per class, 1 inner step of 0.4, Conv-
 batch-statistics BatchNorm) on a meta-batch of random images. The reference is the plain per-task
 ``torch.autograd.grad`` loop of ``maml_speed.py`` in float64. Reported: the relative error
 ``|g - g_ref| / |g_ref|`` of the whole gradient vector for the plain loop in float32 and for
-fastadapt's loop and vmap paths in float32 and float64. (fastadapt's loop calls the fused batch-norm
-kernel, like the plain loop; under vmap it uses plain tensor ops, which vmap batches exactly.)
+fastadapt's loop, grouped and vmap paths in float32 and float64. (fastadapt's loop and grouped
+paths call the fused batch-norm kernel, like the plain loop; under vmap it uses plain tensor ops,
+which vmap batches exactly.)
 
     python benchmarks/maml_grad_accuracy.py --tasks 8
 """
@@ -60,12 +61,14 @@ def main() -> None:
     errors = {
         "plain float32": rel(plain(b32, torch.float32), ref),
         "fastadapt loop float32": rel(ours(learner, b32, "loop"), ref),
+        "fastadapt grouped float32": rel(ours(learner, b32, "grouped"), ref),
         "fastadapt vmap float32": rel(ours(learner, b32, "vmap"), ref),
         "fastadapt loop float64": rel(ours(learner64, b64, "loop"), ref),
+        "fastadapt grouped float64": rel(ours(learner64, b64, "grouped"), ref),
         "fastadapt vmap float64": rel(ours(learner64, b64, "vmap"), ref),
     }
     for k, v in errors.items():
-        print(f"{k:24s} relative error {v:.2e}")
+        print(f"{k:26s} relative error {v:.2e}")
     save("maml_grad_accuracy", {"budget": "one meta-batch", "setup": {"tasks": t, "ways": 5, "shots": 1,
                                                                         "queries_per_class": 5, "inner_lr": 0.4},
                                 "reference_grad_norm": sum(float((y ** 2).sum()) for y in ref) ** 0.5,

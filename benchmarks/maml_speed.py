@@ -8,6 +8,8 @@ Compared in the same process, on the same meta-batch, at the same gradients:
 * ``ours-loop`` / ``ours-vmap``: fastadapt's MAML (one functional inner loop, ``torch.func``),
   tasks run as a loop (backward per task) or under ``vmap``; ``ours-loop-unfused``: the loop with
   Conv-4's fused BatchNorm/ReLU/max-pool blocks switched off (``fastadapt.models.fused.ENABLED``);
+* ``ours-grouped``: ``--batching grouped``, groups of 8 tasks run as one network with grouped
+  convolutions (``fastadapt.models.grouped``), a backward pass per group;
 * ``ours-loop-bound``: a timing bound, not an implementation: the loop with every Conv-4
   BatchNorm, ReLU and max-pool (both passes) replaced by a strided view (``conv4_layers_free``
   in ``_common.py``; its gradient is not checked). No implementation of those layers can make the
@@ -18,6 +20,10 @@ the process's fp32 matrix-multiply ceiling, reports the GFLOP/s each implementat
 it, and profiles one ``ours-loop`` iteration for the share of its time spent in convolutions (the
 profiler's attribution: a looser bound on what any change outside the convolution kernels can
 gain than the measured ``ours-loop-bound``, which also keeps the head, inner update and autograd).
+
+Peak memory: each implementation runs one meta-iteration in a fresh process of its own (two
+threads, glibc's default allocator), and ``peak_extra_mb`` is that process's peak resident memory
+during it above its resident memory after set-up.
 
 Each setting (glibc allocator default or tuned, 1 or 2 torch threads) runs in a fresh process;
 also timed there: one ProtoNet 5-way 1-shot episode (forward + backward). Gradients of the
@@ -39,6 +45,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -73,12 +80,12 @@ def plain_maml_grads(params, batch, inner_lr, steps, first_order=False):
     return [p.grad for p in params]
 
 
-def worker(reps: int, tasks: int, queries: int) -> dict:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from _common import conv4_layers_free, matmul_ceiling
-    from fastadapt.methods import MAML, ProtoNet
-    from fastadapt.models import Conv4, fused
+def implementations(tasks: int, queries: int) -> tuple[dict, Any]:
+    """The implementations compared (each fills and returns a meta-gradient), the bound (timed
+    only), the meta-batch and fastadapt's learner."""
+    from _common import conv4_layers_free
+    from fastadapt.methods import MAML
+    from fastadapt.models import fused
     from fastadapt.tasks import Episode
 
     torch.manual_seed(0)
@@ -89,7 +96,6 @@ def worker(reps: int, tasks: int, queries: int) -> dict:
                     torch.rand(tasks, ways * queries, 1, 28, 28, generator=g),
                     torch.arange(ways).repeat_interleave(queries).repeat(tasks, 1))
     learner = MAML.from_config({"ways": ways, "inner_steps": 1, "inner_lr": 0.4}, (1, 28, 28))
-    names = [n for n, _ in learner.model.named_parameters()]
     # The plain model holds the same weights in plain (NCHW) tensors.
     # (cloned into NCHW explicitly, whatever layout fastadapt runs in: ``.contiguous()`` would keep a
     # channels-last first-convolution weight, whose one input channel makes it contiguous in both)
@@ -115,7 +121,34 @@ def worker(reps: int, tasks: int, queries: int) -> dict:
             learner._backward(batch, "loop", 0)
 
     impls = {"plain": run_plain, "ours-loop": run_ours("loop"), "ours-loop-unfused": run_ours("loop", False),
-             "ours-vmap": run_ours("vmap")}
+             "ours-grouped": run_ours("grouped"), "ours-vmap": run_ours("vmap")}
+    return impls, run_bound, batch, learner
+
+
+def memory_worker(impl: str, tasks: int, queries: int) -> dict:
+    """One meta-iteration of ``impl`` in a fresh process: its peak resident memory above the
+    resident memory after set-up (nothing freed earlier is there to be reused)."""
+    from _common import rss_mb
+    from fastadapt.measure.memory import PeakMemory
+
+    impls, run_bound, _, _ = implementations(tasks, queries)
+    impls["ours-loop-bound"] = run_bound
+    before = rss_mb("VmRSS")
+    with PeakMemory() as pm:
+        impls[impl]()
+    return {"peak_extra_mb": pm.peak_mb - before, "memory_kind": pm.kind}
+
+
+def worker(reps: int, tasks: int, queries: int) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from _common import matmul_ceiling
+    from fastadapt.methods import ProtoNet
+    from fastadapt.models import Conv4
+    from fastadapt.tasks import Episode
+
+    impls, run_bound, batch, learner = implementations(tasks, queries)
+    names = [n for n, _ in learner.model.named_parameters()]
     grads = {k: [t.clone() for t in f()] for k, f in impls.items()}  # also the warm-up
     impls["ours-loop-bound"] = run_bound  # timed only: its gradient is wrong on purpose
     run_bound()
@@ -178,13 +211,26 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=5)
     ap.add_argument("--threads", default="2,1")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.reps, args.tasks, args.queries)))
         return
+    if args.memory_worker:
+        print(json.dumps(memory_worker(args.memory_worker, args.tasks, args.queries)))
+        return
     from _common import save
 
     src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {k: v for k, v in os.environ.items() if k not in TUNED}
+    env.update(OMP_NUM_THREADS="2", PYTHONPATH=src + os.pathsep + env.get("PYTHONPATH", ""))
+    memory = {}
+    for impl in ("plain", "ours-loop", "ours-loop-unfused", "ours-grouped", "ours-vmap"):
+        cmd = [sys.executable, __file__, "--memory-worker", impl, "--tasks", str(args.tasks), "--queries",
+               str(args.queries)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+        memory[impl] = json.loads(out.strip().splitlines()[-1])
+        print(f"{impl}: peak {memory[impl]['peak_extra_mb']:.0f} MB above resident", flush=True)
     settings = []
     for threads in [int(t) for t in args.threads.split(",")]:
         for alloc in ("default", "tuned"):
@@ -201,7 +247,7 @@ def main() -> None:
             s = res["seconds_per_meta_iteration"]
             print(f"threads={threads} allocator={alloc}: plain {s['plain']:.3f} s, ours-loop {s['ours-loop']:.3f} s "
                   f"(unfused {s['ours-loop-unfused']:.3f} s; with BatchNorm/ReLU/pool free {s['ours-loop-bound']:.3f} s), "
-                  f"ours-vmap {s['ours-vmap']:.3f} s, protonet episode "
+                  f"ours-grouped {s['ours-grouped']:.3f} s, ours-vmap {s['ours-vmap']:.3f} s, protonet episode "
                   f"{res['protonet_episode_seconds'] * 1e3:.1f} ms; grad rel diff {res['grad_max_rel_diff_vs_plain']}; "
                   f"{res['gflop_per_meta_iteration']:.0f} GFLOP per meta-iteration, ours-loop at "
                   f"{res['gflops']['ours-loop']:.0f} GFLOP/s of a {res['matmul_ceiling_gflops']:.0f} GFLOP/s matmul "
@@ -210,8 +256,9 @@ def main() -> None:
             settings.append(res)
     for r in settings:
         s = r["seconds_per_meta_iteration"]
-        r["speedup_vs_plain"] = {k: s["plain"] / s[k] for k in ("ours-loop", "ours-loop-unfused", "ours-vmap")}
-        r["speedup_best_vs_plain"] = s["plain"] / min(s["ours-loop"], s["ours-vmap"])
+        ours = ("ours-loop", "ours-loop-unfused", "ours-grouped", "ours-vmap")
+        r["speedup_vs_plain"] = {k: s["plain"] / s[k] for k in ours}
+        r["speedup_best_vs_plain"] = s["plain"] / min(s[k] for k in ours)
         # The fastest the loop could be if everything but its convolutions took no time (profiled share) ...
         r["convolution_bound_speedup_vs_plain"] = s["plain"] / (s["ours-loop"] * r["convolution_share_ours_loop"])
         # ... and, measured, if only its BatchNorm, ReLU and max-pooling took no time.
@@ -220,7 +267,7 @@ def main() -> None:
     payload.update(setup={"method": "MAML second order", "ways": 5, "shots": 1, "queries_per_class": args.queries,
                           "meta_batch": args.tasks, "inner_steps": 1, "inner_lr": 0.4, "backbone": "conv4 28x28",
                           "tuned_allocator_env": TUNED},
-                   settings=settings)
+                   peak_memory_2_threads_default_allocator=memory, settings=settings)
     save("maml_speed", payload)
     plot(settings)
 
@@ -232,11 +279,11 @@ def plot(settings: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     labels = [f"{r['threads']} thr\n{r['allocator']} malloc" for r in settings]
-    impls = ["plain", "ours-loop", "ours-loop-unfused", "ours-vmap", "ours-loop-bound"]
-    fig, ax = plt.subplots(figsize=(7.5, 3.8))
-    width = 0.16
+    impls = ["plain", "ours-loop", "ours-loop-unfused", "ours-grouped", "ours-vmap", "ours-loop-bound"]
+    fig, ax = plt.subplots(figsize=(8.5, 3.8))
+    width = 0.14
     for j, k in enumerate(impls):
-        ax.bar([i + (j - 2) * width for i in range(len(settings))],
+        ax.bar([i + (j - 2.5) * width for i in range(len(settings))],
                [r["seconds_per_meta_iteration"][k] for r in settings], width,
                label="bound: BatchNorm/ReLU/pool free" if k == "ours-loop-bound" else k,
                hatch="//" if k == "ours-loop-bound" else None)

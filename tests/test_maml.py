@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -11,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastadapt.errors import ConfigError, NonFiniteLossError
-from fastadapt.methods import ANIL, FOMAML, MAML, MetaSGD
+from fastadapt.methods import ANIL, FOMAML, IMAML, MAML, MetaSGD, Reptile
 from fastadapt.methods.inner import BatchStatNorm, convert_batchnorm, map_tasks
 from fastadapt.methods.maml import BodyHead
-from fastadapt.models import MLP
+from fastadapt.models import MLP, Conv4
 from fastadapt.tasks import Episode
 
 DT = torch.float64
@@ -97,10 +98,11 @@ def assert_grads_close(a, b, rtol=1e-9, atol=1e-12):
         torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=f"gradient of {k} differs")
 
 
-@pytest.mark.parametrize("batching", ["loop", "vmap"])
+@pytest.mark.parametrize("batching", ["loop", "vmap", "grouped"])
 def test_maml_meta_gradient_equals_hand_written_second_order_unroll(batching):
     model, batch = tiny_model(), class_batch()
     learner = MAML(copy.deepcopy(model), inner_steps=2, inner_lr=0.5, batching=batching)
+    learner.group_size = 2  # grouped: a group of 2 tasks and one of 1
     expected = {f"model.{k}": v for k, v in hand_unroll(model, batch, 2, 0.5).items()}
     assert_grads_close(meta_grads(learner, batch), expected)
     assert_grads_close(train_step_grads(learner, batch), expected)
@@ -153,12 +155,13 @@ def test_fomaml_gradient_equals_first_order_formula():
         assert_grads_close(meta_grads(learner, batch), expected)
 
 
-@pytest.mark.parametrize("batching", ["loop", "vmap"])
+@pytest.mark.parametrize("batching", ["loop", "vmap", "grouped"])
 def test_anil_meta_gradient_equals_head_only_unroll(batching):
     model, batch = tiny_model(seed=5), class_batch(seed=2)
     learner = ANIL(copy.deepcopy(model), inner_steps=3, inner_lr=0.7, batching=batching)
     expected = {f"model.{k}": v for k, v in hand_unroll(model, batch, 3, 0.7, head_only=True).items()}
     assert_grads_close(meta_grads(learner, batch), expected)
+    assert_grads_close(train_step_grads(learner, batch), expected)
     # Only the head is adapted: the adapted parameters are the head's.
     assert set(learner.adapt(batch.support_x[0], batch.support_y[0])) == {"weight", "bias"}
 
@@ -194,17 +197,77 @@ def test_metasgd_learning_rates_receive_the_exact_gradient():
 
 
 @pytest.mark.parametrize("cls", [MAML, FOMAML, ANIL, MetaSGD])
-def test_vmap_and_loop_give_the_same_second_order_gradients_through_batchnorm(cls):
+def test_vmap_loop_and_grouped_give_the_same_second_order_gradients_through_batchnorm(cls):
     model = conv_bn_model()
     batch = class_batch(tasks=3, shape=(1, 8, 8), seed=11)
     kw = dict(inner_steps=2, inner_lr=0.4, first_order=cls is FOMAML)
     loop = cls(copy.deepcopy(model), batching="loop", **kw)
     vmap = cls(copy.deepcopy(model), batching="vmap", **kw)
+    grouped = cls(copy.deepcopy(model), batching="grouped", **kw)
+    grouped.group_size = 2
     g_loop, g_vmap = meta_grads(loop, batch), meta_grads(vmap, batch)
     assert_grads_close(g_loop, g_vmap, rtol=1e-10, atol=1e-13)
     assert_grads_close(train_step_grads(loop, batch), g_vmap, rtol=1e-10, atol=1e-13)
+    assert_grads_close(train_step_grads(grouped, batch), g_vmap, rtol=1e-10, atol=1e-13)
+    assert_grads_close(meta_grads(grouped, batch), g_vmap, rtol=1e-10, atol=1e-13)
     # BatchNorm's own parameters get a real gradient (the pitfall lives there).
     assert float(g_loop["model.body.1.weight"].abs().sum()) > 0
+
+
+@pytest.mark.parametrize("cls", [MAML, FOMAML, ANIL, MetaSGD])
+def test_grouped_conv4_with_fused_blocks_equals_the_loop(cls):
+    # Conv-4 runs its grouped form in the channel layout, with the fused BatchNorm/ReLU/pool
+    # blocks in the query pass (negative BatchNorm scales included).
+    torch.manual_seed(3)
+    model = BodyHead(Conv4(1, hidden=4, out_channels=4, image_size=16), nn.Linear(4, 3)).to(DT)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(-1.0, 1.5)
+    batch = class_batch(tasks=5, shape=(1, 16, 16), seed=14)
+    kw = dict(inner_steps=2, inner_lr=0.4, first_order=cls is FOMAML)
+    loop = cls(copy.deepcopy(model), batching="loop", **kw)
+    grouped = cls(copy.deepcopy(model), batching="grouped", **kw)
+    grouped.group_size = 3
+    fused_calls = []
+    with patch_fused(fused_calls):
+        g_grouped = train_step_grads(grouped, batch)
+    # 9 query images; 3 tasks' 4 channels side by side, then the last 2 tasks'; 4 blocks each
+    assert fused_calls == [(9, 12)] * 4 + [(9, 8)] * 4
+    assert_grads_close(g_grouped, train_step_grads(loop, batch), rtol=1e-9, atol=1e-12)
+
+
+@contextlib.contextmanager
+def patch_fused(calls):
+    """Record the (images, channels) of every fused block that runs."""
+    import fastadapt.models.conv4 as conv4
+
+    original = conv4.affine_relu_pool
+
+    def recording(z, *args):
+        calls.append(tuple(z.shape[:2]))
+        return original(z, *args)
+
+    conv4.affine_relu_pool = recording
+    try:
+        yield
+    finally:
+        conv4.affine_relu_pool = original
+
+
+def test_grouped_batching_refuses_what_it_cannot_run():
+    batch = class_batch(tasks=2)
+    torch.manual_seed(0)
+    odd = BodyHead(nn.Sequential(nn.Linear(3, 4), nn.Tanh()), nn.Linear(4, 3)).to(DT)
+    with pytest.raises(ConfigError, match="no grouped form of Tanh"):
+        MAML(odd, batching="grouped").meta_loss(batch)
+    with pytest.raises(ConfigError, match="--batching must be one of auto, vmap, loop for imaml"):
+        IMAML(tiny_model(), batching="grouped")
+    with pytest.raises(ConfigError, match="--batching must be one of auto, vmap, loop for reptile"):
+        Reptile(tiny_model(), batching="grouped")
+    headless = nn.Sequential(MLP(in_features=3, hidden=(4,)), nn.Linear(4, 3)).to(DT)
+    with pytest.raises(ConfigError, match="body-and-head"):
+        ANIL(headless, head="1", batching="grouped").meta_loss(batch)
 
 
 def test_maml_through_batchnorm_equals_hand_unroll_with_batch_statistics():
@@ -278,10 +341,17 @@ def test_nonfinite_inner_loss_stops_naming_the_step_and_task():
     batch.support_x[2, 0, 0] = float("nan")
     opt = torch.optim.Adam(learner.parameters(), 1e-3)
     before = [p.detach().clone() for p in learner.parameters()]
-    for batching in ("loop", "vmap"):
+    learner.group_size = 3
+    for batching in ("loop", "vmap", "grouped"):
         learner.batching = batching
         with pytest.raises(NonFiniteLossError, match="inner step 1 of task 2"):
             learner.train_step(batch, opt, 7)
+    # A query loss that is not finite, in the second group: named by its task too.
+    late = class_batch(tasks=5)
+    late.query_x[4, 0, 0] = float("inf")
+    learner.batching = "grouped"
+    with pytest.raises(NonFiniteLossError, match="task 4"):
+        learner.train_step(late, opt, 8)
     assert all(torch.equal(a, b) for a, b in zip(before, learner.parameters()))
     with pytest.raises(NonFiniteLossError, match="inner step 1 of task 0"):
         learner.adapt(batch.support_x[2], batch.support_y[2])
@@ -292,6 +362,7 @@ def test_nonfinite_inner_loss_stops_naming_the_step_and_task():
     ({"inner_lr": 0.0}, "--inner-lr"), ({"inner_lr": -0.1}, "--inner-lr"), ({"inner_lr": math.nan}, "--inner-lr"),
     ({"inner_lr": math.inf}, "--inner-lr"), ({"batching": "threads"}, "--batching"),
     ({"grad_checkpoint": True, "batching": "vmap"}, "--grad-checkpoint"),
+    ({"grad_checkpoint": True, "batching": "grouped"}, "--grad-checkpoint"),
 ])
 def test_bad_options_are_config_errors(kwargs, flag):
     with pytest.raises(ConfigError, match=flag):

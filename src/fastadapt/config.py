@@ -143,7 +143,7 @@ SPECS: dict[str, dict[str, Any]] = {
     "inner_lr": _spec("float", low=0, low_open=True),
     "first_order": _spec("bool"),
     "grad_checkpoint": _spec("bool"),
-    "batching": _spec("str", choices=("auto", "loop", "vmap")),
+    "batching": _spec("str", choices=("auto", "loop", "vmap", "grouped")),  # grouped: MAML and kin
     "inner_optim": _spec("str", choices=("sgd", "adam")),
     "outer_lr": _spec("float", low=0, low_open=True),
     "anneal": _spec("bool"),

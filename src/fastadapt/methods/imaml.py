@@ -11,8 +11,9 @@ from torch.func import grad, grad_and_value, vjp
 from ..errors import ConfigError
 from ..registry import METHODS
 from ..tasks.episode import Episode
-from .inner import Forward, InnerSGD, LossFn, Params, check_inner_losses, check_positive, inner_loop, map_tasks, module_forward
-from .maml import MAML
+from .inner import (BATCHING_MODES, Forward, InnerSGD, LossFn, Params, check_inner_losses, check_positive, inner_loop,
+                    map_tasks, module_forward)
+from .maml import LOOP_OR_VMAP_HELP, MAML
 
 
 def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, iters: int) -> Params:
@@ -120,7 +121,9 @@ class IMAML(MAML):
         "inner_lr": "inner learning rate",
         "lam": "proximal regularisation strength lambda",
         "cg_steps": "conjugate-gradient iterations for the implicit meta-gradient",
+        "batching": LOOP_OR_VMAP_HELP,
     }
+    batching_modes = BATCHING_MODES
     # No sinusoid setting in the paper: the inner rate and meta-batch of MAML's sinusoid setting,
     # which a 10-step proximal inner loop follows without diverging.
     task_defaults = {"regression": {"inner_lr": 0.01, "meta_batch": 25}}

@@ -146,15 +146,22 @@ def inner_loop(
     only the parameters between steps and recomputes each step during the backward pass.
     ``regularizer(params)`` is added to the data loss (iMAML's proximal term).
 
+    ``loss_fn`` may return one loss per task (``[T]``) for parameters stacked over ``T`` tasks
+    (``--batching grouped``); the inner losses are then ``[steps, T]``.
+
     Returns the adapted parameters and the inner losses ``[steps]`` (before each step), which
     the caller checks for NaN/inf once per meta-batch instead of synchronising every step.
     """
 
-    def objective(p: Params) -> Tensor:
+    def objective(p: Params) -> tuple[Tensor, Tensor]:
         loss = loss_fn(forward(p, x), y)
-        return loss if regularizer is None else loss + regularizer(p)
+        if regularizer is not None:
+            loss = loss + regularizer(p)
+        # A vector of per-task losses (grouped batching: each task's own parameters) is summed;
+        # each task's parameters then get their own task's gradient.
+        return loss.sum(), loss.detach()
 
-    grad_fn = grad_and_value(objective)
+    grad_fn = grad_and_value(objective, has_aux=True)
     state = optimizer.init(params)
     losses = []
     for _ in range(steps):
@@ -165,8 +172,8 @@ def inner_loop(
                 # torch.func transforms refuse the saved-tensor hooks checkpointing relies on;
                 # the step's gradient is the same with plain autograd (checkpointing runs as a loop).
                 p = dict(zip(keys, flat))
-                loss = objective(p)
-                g = dict(zip(keys, torch.autograd.grad(loss, flat, create_graph=True)))
+                total, loss = objective(p)
+                g = dict(zip(keys, torch.autograd.grad(total, flat, create_graph=True)))
                 new, _ = optimizer.update(g, _state, p)
                 return (*(new[k] for k in keys), loss)
 
@@ -174,9 +181,9 @@ def inner_loop(
             params = dict(zip(keys, flat))
         else:
             if differentiable:
-                g, loss = grad_fn(params)
+                g, (_, loss) = grad_fn(params)
             else:
-                g, loss = grad_fn({k: p.detach() for k, p in params.items()})
+                g, (_, loss) = grad_fn({k: p.detach() for k, p in params.items()})
             params, state = optimizer.update(g, state, params)
         losses.append(loss.detach())
     empty = torch.zeros(0, device=x.device)
@@ -203,15 +210,16 @@ def check_inner_losses(losses: Tensor, where: str) -> None:
 BATCHING_MODES = ("auto", "vmap", "loop")
 
 
-def resolve_batching(mode: str, device: torch.device, checkpoint: bool = False) -> str:
-    """``loop`` or ``vmap`` for ``mode``. ``auto`` here depends on the device alone (``vmap`` on
-    accelerators, ``loop`` on the CPU); the methods refine it by model (``MAML._auto_mode``).
-    Checkpointing always runs as a loop."""
-    if mode not in BATCHING_MODES:
-        raise ConfigError(f"--batching must be one of {', '.join(BATCHING_MODES)}, got '{mode}'")
+def resolve_batching(mode: str, device: torch.device, checkpoint: bool = False,
+                     modes: tuple[str, ...] = BATCHING_MODES) -> str:
+    """``loop``, ``vmap`` or another of ``modes`` for ``mode``. ``auto`` here depends on the
+    device alone (``vmap`` on accelerators, ``loop`` on the CPU); the methods refine it by model
+    (``MAML._auto_mode``). Checkpointing always runs as a loop."""
+    if mode not in modes:
+        raise ConfigError(f"--batching must be one of {', '.join(modes)}, got '{mode}'")
     if checkpoint:
-        if mode == "vmap":
-            raise ConfigError("--grad-checkpoint cannot run under vmap; use --batching loop (or auto)")
+        if mode not in ("auto", "loop"):
+            raise ConfigError(f"--grad-checkpoint cannot run with --batching {mode}; use --batching loop (or auto)")
         return "loop"
     if mode == "auto":
         return "loop" if device.type == "cpu" else "vmap"

@@ -29,8 +29,8 @@ from ..models.inr import INR_OPTIONS, INR_OPTION_HELP, build_inr
 from ..registry import METHODS
 from ..tasks.episode import Episode
 from ..tasks.image_function import KIND, psnr
-from .inner import InnerAdam, InnerSGD
-from .maml import MAML, task_kind_of
+from .inner import BATCHING_MODES, InnerAdam, InnerSGD
+from .maml import LOOP_OR_VMAP_HELP, MAML, task_kind_of
 
 IMAGE_FUNCTION_DATASETS = "builtin-images, omniglot-images, mnist-images, cifar10-images, imagefolder-images"
 
@@ -67,7 +67,8 @@ class LearnedInit(MAML):
     """
 
     name = "learned-init"
-    option_help = {**MAML.option_help, **INR_OPTION_HELP}
+    option_help = {**MAML.option_help, **INR_OPTION_HELP, "batching": LOOP_OR_VMAP_HELP}
+    batching_modes = BATCHING_MODES
     options = {
         "dataset": "builtin-images",  # without --dataset: the built-in glyphs as images
         **INR_OPTIONS,

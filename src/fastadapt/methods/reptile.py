@@ -10,8 +10,8 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..registry import METHODS
 from ..tasks.episode import Episode
-from .inner import InnerAdam, InnerSGD, check_inner_losses, check_positive, map_tasks
-from .maml import MAML
+from .inner import BATCHING_MODES, InnerAdam, InnerSGD, check_inner_losses, check_positive, map_tasks
+from .maml import LOOP_OR_VMAP_HELP, MAML
 
 
 @METHODS.register("reptile")
@@ -54,7 +54,9 @@ class Reptile(MAML):
         "outer_lr": "outer step beta of theta <- theta + beta * mean_i(W_i - theta)",
         "anneal": "decay beta linearly over --anneal-steps",
         "anneal_steps": "horizon of the decay; 0: the run's --steps when it starts",
+        "batching": LOOP_OR_VMAP_HELP,
     }
+    batching_modes = BATCHING_MODES
     # Nichol et al. (2018), 1-D sine regression: 32 inner SGD steps of 0.02, outer step 0.1
     # annealed linearly to zero over the run, one task per outer step.
     task_defaults = {"regression": {"inner_optim": "sgd", "inner_lr": 0.02, "inner_steps": 32, "outer_lr": 0.1,

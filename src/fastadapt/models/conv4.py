@@ -13,7 +13,8 @@ from .._vmap import under_vmap
 from ..errors import ConfigError
 from ..precision import decide_memory_format
 from ..registry import BACKBONES
-from .fused import bn_relu_pool, can_fuse
+from . import grouped
+from .fused import affine_relu_pool, bn_relu_pool, can_fuse
 
 
 def conv_block(in_channels: int, out_channels: int, pool: bool = True) -> nn.Sequential:
@@ -68,6 +69,26 @@ class Conv4(nn.Module):
                 for layer in rest:
                     x = layer(x)
         return x.flatten(1)
+
+    def grouped_forward(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """:meth:`forward` for ``T`` tasks at once (``x [T, N, C, H, W] -> [T, N, out_features]``),
+        each with its own parameters (see :mod:`fastadapt.models.grouped`)."""
+        tasks = x.shape[0]
+        z = grouped.to_channels(x)
+        if self.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
+        for i, block in enumerate(self.encoder):
+            conv, *rest = block
+            own = grouped.sub_params(params, f"encoder.{i}")
+            z = grouped.conv2d(conv, grouped.sub_params(own, "0"), z, tasks)
+            if len(rest) == 3 and can_fuse(z, *rest):
+                gamma, beta = grouped.affine_params(rest[0], grouped.sub_params(own, "1"), tasks)
+                z = affine_relu_pool(z, gamma, beta, rest[0].eps)[0]
+                continue
+            z = grouped.batch_norm(rest[0], grouped.sub_params(own, "1"), z, tasks)
+            for layer in rest[1:]:
+                z = layer(z)
+        return grouped.from_channels(z, tasks)
 
 
 def build_backbone(name: str, in_shape: tuple[int, ...], **kwargs) -> nn.Module:

@@ -102,18 +102,9 @@ def can_fuse(z: Tensor, bn: nn.Module, relu: nn.Module, pool: nn.Module) -> bool
 def bn_relu_pool(z: Tensor, bn: nn.Module) -> Tensor:
     """``max_pool2d(relu(bn(z)), 2)`` for a BatchNorm ``bn`` that uses batch statistics (see
     :func:`can_fuse`); updates ``bn``'s running statistics as ``nn.BatchNorm2d`` does."""
-    gamma, beta = bn.weight, bn.bias
-    negative = gamma < 0
-    flip = bool(negative.any())
-    if flip:  # pool the negated channels: for them the affine map is decreasing
-        sign = 1.0 - 2.0 * negative.to(z.dtype)
-        z = z * sign.view(1, -1, 1, 1)
-        gamma = gamma * sign
-    out, mean, var = _BNReLUPool.apply(z, gamma, beta, bn.eps)
+    out, mean, var = affine_relu_pool(z, bn.weight, bn.bias, bn.eps)
     if bn.training and getattr(bn, "running_mean", None) is not None:
         with torch.no_grad():
-            if flip:
-                mean = mean * sign
             n = z.numel() // z.shape[1]
             bn.num_batches_tracked.add_(1)
             # momentum None: the cumulative average, as nn.BatchNorm2d
@@ -121,6 +112,19 @@ def bn_relu_pool(z: Tensor, bn: nn.Module) -> Tensor:
             bn.running_mean.mul_(1 - m).add_(mean, alpha=m)
             bn.running_var.mul_(1 - m).add_(var * (n / max(n - 1, 1)), alpha=m)
     return out
+
+
+def affine_relu_pool(z: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``max_pool2d(relu(batch_norm(z, None, None, gamma, beta, training=True, eps=eps)), 2)`` with
+    per-channel tensors ``gamma`` and ``beta`` (any sign), and the batch mean and biased variance
+    of ``z`` per channel (no gradient). The caller checks :func:`can_fuse` first."""
+    negative = gamma < 0
+    if not bool(negative.any()):
+        return _BNReLUPool.apply(z, gamma, beta, eps)
+    # pool the negated channels: for them the affine map is decreasing
+    sign = 1.0 - 2.0 * negative.to(z.dtype)
+    out, mean, var = _BNReLUPool.apply(z * sign.view(1, -1, 1, 1), gamma * sign, beta, eps)
+    return out, mean * sign, var
 
 
 def _mask(condition: Tensor, dtype: torch.dtype) -> Tensor:

@@ -8,6 +8,7 @@ from typing import Sequence
 from torch import Tensor, nn
 
 from ..registry import BACKBONES
+from . import grouped
 
 
 @BACKBONES.register("mlp")
@@ -34,3 +35,8 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+    def grouped_forward(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """:meth:`forward` for ``T`` tasks at once (``x [T, N, ...] -> [T, N, out_features]``), each
+        with its own parameters (see :mod:`fastadapt.models.grouped`)."""
+        return grouped.grouped_call(self.net, grouped.sub_params(params, "net"), x)
