@@ -172,7 +172,7 @@ def worker(reps: int, tasks: int, queries: int) -> dict:
     # implementation reaches with it, and this process's matrix-multiply ceiling.
     counter = FlopCounterMode(display=False)
     with counter:
-        run_plain()
+        impls["plain"]()
     flops = counter.get_total_flops()
     ceiling = matmul_ceiling(torch.float32)
     # Where fastadapt's loop spends its time: the share of the convolutions (forward, backward and
