@@ -1,4 +1,5 @@
-"""Checks that need a CUDA device (skipped without one): episodes drawn on the GPU."""
+"""Checks that need a CUDA device (skipped without one): episodes drawn on the GPU, captured
+training steps, MAML's grouped batching in cuDNN."""
 
 import pytest
 import torch
@@ -174,3 +175,32 @@ def test_captured_maml_steps_follow_the_eager_steps(method):
     assert step.captures == 1
     _close(eager, graphed, (WARMUP + 3) * 1e-3)
     _same_loss(eager, graphed, source.sample_batch(torch.Generator().manual_seed(9), 4))
+
+
+@pytest.mark.parametrize("cls_name", ["MAML", "ANIL"])
+def test_grouped_batching_on_the_gpu_equals_the_loop(cls_name):
+    # Conv-4 in channels-last (the GPU layout), grouped convolutions in cuDNN, float64 so that
+    # only the arithmetic's order differs.
+    import copy
+
+    from fastadapt import methods
+    from fastadapt.methods.maml import BodyHead
+    from fastadapt.models import Conv4
+    from fastadapt.tasks import Episode
+
+    torch.manual_seed(0)
+    model = BodyHead(Conv4(1, hidden=8, out_channels=8, image_size=16, channels_last=True), torch.nn.Linear(8, 5))
+    cls = getattr(methods, cls_name)
+    g = torch.Generator().manual_seed(1)
+    batch = Episode(torch.rand(5, 5, 1, 16, 16, generator=g), torch.arange(5).repeat(5, 1),
+                    torch.rand(5, 10, 1, 16, 16, generator=g), torch.arange(5).repeat_interleave(2).repeat(5, 1))
+    batch = Episode(*(t.double().cuda() if t.is_floating_point() else t.cuda()
+                      for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y)))
+    grads = {}
+    for mode in ("loop", "grouped"):
+        learner = cls(copy.deepcopy(model), inner_steps=2, inner_lr=0.4, batching=mode).double().cuda()
+        learner.group_size = 2
+        learner._backward(batch, mode, 0)
+        grads[mode] = [p.grad for p in learner.parameters()]
+    for a, b in zip(grads["loop"], grads["grouped"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
