@@ -8,6 +8,9 @@ paper's number of inner steps.
 
     python benchmarks/maml_omniglot.py --data-dir ../shared/data/omniglot --budget 900 --settings 5w1s
 
+``--batching loop,grouped`` trains one model per batching in each setting (same budget, one after
+the other), to compare what each reaches in the same time.
+
 Paper: 5w1s 98.7, 5w5s 99.9, 20w1s 95.8, 20w5s 98.9.
 """
 
@@ -34,13 +37,17 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out-dir", default="runs/bench-maml-omniglot")
     ap.add_argument("--name", default="maml_omniglot_cpu")
+    ap.add_argument("--batching", default="auto", help="comma-separated: a model per --batching value")
     args = ap.parse_args()
 
     results = {}
-    for setting in args.settings.split(","):
+    runs = [(s, b) for s in args.settings.split(",") for b in args.batching.split(",")]
+    for setting, batching in runs:
         ways, shots = setting.rstrip("s").split("w")
-        run_dir = Path(args.out_dir) / f"maml-omni-{setting}"
+        key = setting if batching == "auto" else f"{setting}-{batching}"
+        run_dir = Path(args.out_dir) / f"maml-omni-{key}"
         run(["train", "maml", "--config", str(CONFIGS / f"maml_omniglot_{setting}.yaml"), "--data-dir", args.data_dir,
+             "--batching", batching,
              "--download", "--device", args.device, "--max-train-seconds", str(args.budget),
              "--eval-episodes", str(args.episodes), "--log-every", "5", "--checkpoint-every", "50",
              "--no-progress", "--out", str(run_dir)])
@@ -49,16 +56,16 @@ def main() -> None:
         run(["eval", str(run_dir), "--inner-steps", str(EVAL_STEPS[ways]), "--ways", ways, "--shots", shots,
              "--queries", "15", "--episodes", str(args.episodes), "--json", str(js), "--no-progress"])
         ev = json.loads(js.read_text())
-        results[setting] = {
-            "paper": PAPER[setting],
+        results[key] = {
+            "paper": PAPER[setting], "batching": batching,
             "accuracy_train_inner_steps": round(train_res["accuracy"], 2), "ci95_train_inner_steps": round(train_res["ci95"], 2),
             "eval_inner_steps": EVAL_STEPS[ways], "accuracy": round(ev["accuracy"], 2), "ci95": round(ev["ci95"], 2),
             "meta_iterations": train_res["step"], "meta_train_seconds": round(train_res["meta_train_seconds"], 1),
             "adapt_ms": round(ev["adapt_ms"], 2), "peak_mem_mb": round(ev["peak_mem_mb"], 1),
             "train_peak_mem_mb": round(train_res["train_peak_mem_mb"], 1),
         }
-        r = results[setting]
-        print(f"{setting}: {r['accuracy']:.2f} ± {r['ci95']:.2f} % with {r['eval_inner_steps']} steps after "
+        r = results[key]
+        print(f"{key}: {r['accuracy']:.2f} ± {r['ci95']:.2f} % with {r['eval_inner_steps']} steps after "
               f"{r['meta_iterations']} meta-iterations (paper {r['paper']})", flush=True)
         # Saved after every setting, so a long run stopped part-way keeps what it finished.
         save(args.name, {"budget_seconds_per_model": args.budget, "device": args.device, "episodes": args.episodes,
