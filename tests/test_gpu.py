@@ -189,11 +189,11 @@ def test_grouped_batching_on_the_gpu_equals_the_loop(cls_name):
     from fastadapt.tasks import Episode
 
     torch.manual_seed(0)
-    model = BodyHead(Conv4(1, hidden=8, out_channels=8, image_size=16, channels_last=True), torch.nn.Linear(8, 5))
+    model = BodyHead(Conv4(1, hidden=8, out_channels=8, image_size=32, channels_last=True), torch.nn.Linear(32, 5))
     cls = getattr(methods, cls_name)
     g = torch.Generator().manual_seed(1)
-    batch = Episode(torch.rand(5, 5, 1, 16, 16, generator=g), torch.arange(5).repeat(5, 1),
-                    torch.rand(5, 10, 1, 16, 16, generator=g), torch.arange(5).repeat_interleave(2).repeat(5, 1))
+    batch = Episode(torch.rand(5, 5, 1, 32, 32, generator=g), torch.arange(5).repeat(5, 1),
+                    torch.rand(5, 10, 1, 32, 32, generator=g), torch.arange(5).repeat_interleave(2).repeat(5, 1))
     batch = Episode(*(t.double().cuda() if t.is_floating_point() else t.cuda()
                       for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y)))
     grads = {}

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastadapt.errors import ConfigError, NonFiniteLossError
-from fastadapt.methods import ANIL, FOMAML, IMAML, MAML, MetaSGD, Reptile
+from fastadapt.methods import ANIL, FOMAML, IMAML, MAML, MetaSGD, Pretrained, Reptile
+from fastadapt.methods.learned_init import LearnedInit
 from fastadapt.methods.inner import BatchStatNorm, convert_batchnorm, map_tasks
 from fastadapt.methods.maml import BodyHead
 from fastadapt.models import MLP, Conv4
@@ -159,6 +160,7 @@ def test_fomaml_gradient_equals_first_order_formula():
 def test_anil_meta_gradient_equals_head_only_unroll(batching):
     model, batch = tiny_model(seed=5), class_batch(seed=2)
     learner = ANIL(copy.deepcopy(model), inner_steps=3, inner_lr=0.7, batching=batching)
+    learner.group_size = 2
     expected = {f"model.{k}": v for k, v in hand_unroll(model, batch, 3, 0.7, head_only=True).items()}
     assert_grads_close(meta_grads(learner, batch), expected)
     assert_grads_close(train_step_grads(learner, batch), expected)
@@ -217,14 +219,15 @@ def test_vmap_loop_and_grouped_give_the_same_second_order_gradients_through_batc
 @pytest.mark.parametrize("cls", [MAML, FOMAML, ANIL, MetaSGD])
 def test_grouped_conv4_with_fused_blocks_equals_the_loop(cls):
     # Conv-4 runs its grouped form in the channel layout, with the fused BatchNorm/ReLU/pool
-    # blocks in the query pass (negative BatchNorm scales included).
+    # blocks in the query pass (negative BatchNorm scales included); 32x32 images leave 2x2 maps,
+    # so the features' flattening order counts.
     torch.manual_seed(3)
-    model = BodyHead(Conv4(1, hidden=4, out_channels=4, image_size=16), nn.Linear(4, 3)).to(DT)
+    model = BodyHead(Conv4(1, hidden=4, out_channels=4, image_size=32), nn.Linear(16, 3)).to(DT)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.uniform_(-1.0, 1.5)
-    batch = class_batch(tasks=5, shape=(1, 16, 16), seed=14)
+    batch = class_batch(tasks=5, shape=(1, 32, 32), seed=14)
     kw = dict(inner_steps=2, inner_lr=0.4, first_order=cls is FOMAML)
     loop = cls(copy.deepcopy(model), batching="loop", **kw)
     grouped = cls(copy.deepcopy(model), batching="grouped", **kw)
@@ -259,15 +262,22 @@ def test_grouped_batching_refuses_what_it_cannot_run():
     batch = class_batch(tasks=2)
     torch.manual_seed(0)
     odd = BodyHead(nn.Sequential(nn.Linear(3, 4), nn.Tanh()), nn.Linear(4, 3)).to(DT)
+    with pytest.raises(ConfigError, match="no grouped form of Tanh"):  # when the learner is built
+        MAML(odd, batching="grouped")
+    learner = MAML(odd, batching="loop")
+    learner.batching = "grouped"  # e.g. resumed from a run saved as grouped: refused before any update
     with pytest.raises(ConfigError, match="no grouped form of Tanh"):
-        MAML(odd, batching="grouped").meta_loss(batch)
-    with pytest.raises(ConfigError, match="--batching must be one of auto, vmap, loop for imaml"):
-        IMAML(tiny_model(), batching="grouped")
-    with pytest.raises(ConfigError, match="--batching must be one of auto, vmap, loop for reptile"):
-        Reptile(tiny_model(), batching="grouped")
+        learner.meta_loss(batch)
+    for cls in (IMAML, Reptile, Pretrained):
+        with pytest.raises(ConfigError, match=f"--batching must be one of auto, vmap, loop for {cls.name}"):
+            cls(tiny_model(), batching="grouped")
+    with pytest.raises(ConfigError, match="--batching must be one of auto, vmap, loop for learned-init"):
+        LearnedInit.from_config({"batching": "grouped", "dataset": "builtin-images"}, (3, 8, 8))
     headless = nn.Sequential(MLP(in_features=3, hidden=(4,)), nn.Linear(4, 3)).to(DT)
     with pytest.raises(ConfigError, match="body-and-head"):
-        ANIL(headless, head="1", batching="grouped").meta_loss(batch)
+        ANIL(headless, head="1", batching="grouped")
+    with pytest.raises(ConfigError, match="--compile does not apply to --batching grouped"):
+        FOMAML(tiny_model(), batching="grouped").compile_networks()
 
 
 def test_maml_through_batchnorm_equals_hand_unroll_with_batch_statistics():

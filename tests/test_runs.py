@@ -35,12 +35,15 @@ def cli_eval_path_learner(run):
     return learner.eval(), source
 
 
-@pytest.mark.parametrize("method, extra", [("protonet", ()), ("maml", ("--meta-batch", "2", "--batching", "loop"))])
+@pytest.mark.parametrize("method, extra", [("protonet", ()), ("maml", ("--meta-batch", "2", "--batching", "loop")),
+                                           ("maml", ("--meta-batch", "3", "--batching", "grouped"))])
 def test_load_run_gives_the_trained_learner_and_its_config(tmp_path, capsys, method, extra):
     run = tmp_path / "run"
     train(run, method, *extra)
     learner, cfg = fastadapt.load_run(run)
     assert cfg == yaml.safe_load((run / "config.yaml").read_text())
+    if "--batching" in extra:
+        assert cfg["batching"] == extra[extra.index("--batching") + 1] == learner.batching
     assert isinstance(learner, METHODS.get(method)) and learner.training is False
     saved = load_checkpoint(run / "checkpoint.pt")["model"]
     assert saved.keys() == learner.state_dict().keys()

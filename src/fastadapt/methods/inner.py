@@ -135,6 +135,7 @@ def inner_loop(
     differentiable: bool,
     checkpoint: bool = False,
     regularizer: Callable[[Params], Tensor] | None = None,
+    per_task: bool = False,
 ) -> tuple[Params, Tensor]:
     """Fit ``params`` to ``(x, y)`` with ``steps`` steps of ``optimizer``.
 
@@ -146,8 +147,10 @@ def inner_loop(
     only the parameters between steps and recomputes each step during the backward pass.
     ``regularizer(params)`` is added to the data loss (iMAML's proximal term).
 
-    ``loss_fn`` may return one loss per task (``[T]``) for parameters stacked over ``T`` tasks
-    (``--batching grouped``); the inner losses are then ``[steps, T]``.
+    ``per_task=True``: the parameters are stacked over ``T`` tasks (``--batching grouped``) and
+    ``loss_fn`` returns one loss per task (``[T]``); their sum is differentiated, so each task's
+    parameters get their own task's gradient, and the inner losses are ``[steps, T]``. (A
+    ``regularizer`` must then return per-task terms too.)
 
     Returns the adapted parameters and the inner losses ``[steps]`` (before each step), which
     the caller checks for NaN/inf once per meta-batch instead of synchronising every step.
@@ -157,9 +160,10 @@ def inner_loop(
         loss = loss_fn(forward(p, x), y)
         if regularizer is not None:
             loss = loss + regularizer(p)
-        # A vector of per-task losses (grouped batching: each task's own parameters) is summed;
-        # each task's parameters then get their own task's gradient.
-        return loss.sum(), loss.detach()
+        if per_task != (loss.dim() == 1):
+            raise ValueError(f"inner_loop(per_task={per_task}) needs a loss of {'one value per task' if per_task else 'one value'}, "
+                             f"got shape {tuple(loss.shape)}")
+        return (loss.sum() if per_task else loss), loss.detach()
 
     grad_fn = grad_and_value(objective, has_aux=True)
     state = optimizer.init(params)

@@ -10,11 +10,13 @@
 * ``pretrain`` the baseline of Finn et al.'s sinusoid experiment: one model trained on the pooled
                tasks, fine-tuned at test time with the same inner loop.
 
-A meta-batch runs either as a loop over tasks (each task's graph is freed by its own backward
-pass, so peak memory is one task's) or under ``torch.func.vmap`` (one batched graph; much faster
-on a GPU). ``--batching auto`` chooses once, before the run starts, by a fixed rule (see
-``MAML._auto_mode``: ``vmap`` on accelerators and for MLPs, ``loop`` for CPU convnets); the choice is saved in ``config.yaml`` and in checkpoints. The two paths
-give the same gradients up to float rounding, not the same bits, so a run never switches path.
+A meta-batch runs as a loop over tasks (each task's graph is freed by its own backward pass, so
+peak memory is one task's), under ``torch.func.vmap`` (one batched graph; much faster on a GPU),
+or ``grouped``: groups of tasks as one network (:mod:`fastadapt.models.grouped`; a backward pass
+per group). ``--batching auto`` chooses once, before the run starts, by a fixed rule (see
+``MAML._auto_mode``: ``vmap`` on accelerators and for MLPs, ``loop`` for CPU convnets; never
+``grouped``); the choice is saved in ``config.yaml`` and in checkpoints. The paths give the same
+gradients up to float rounding, not the same bits, so a run never switches path.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch.func import functional_call
 from ..errors import ConfigError
 from ..models.conv4 import build_backbone
 from ..models.fused import fused_blocks
-from ..models.grouped import grouped_call, sub_params
+from ..models.grouped import check_grouped, grouped_call, sub_params
 from ..registry import DATASETS, METHODS
 from ..tasks.episode import Episode
 from .base import MetaLearner, check_finite
@@ -170,6 +172,8 @@ class MAML(MetaLearner):
         # Per-task batch statistics instead of running statistics (see the module docstring).
         self.model = convert_batchnorm(model)
         self._check_model()
+        if self.batching == "grouped":
+            self._check_grouped()
         self._loss_fn, self._score_fn = _loss_and_score(task_kind)
         if self.learn_lrs:
             self.inner_lrs = nn.ParameterDict(
@@ -294,7 +298,7 @@ class MAML(MetaLearner):
 
         per_task_loss = torch.func.vmap(self._loss_fn)
         fast, inner = inner_loop(forward, per_task_loss, params, self._grouped_features(sx), sy, self.inner_steps,
-                                 self._inner_optimizer(), differentiable=not self.first_order)
+                                 self._inner_optimizer(), differentiable=not self.first_order, per_task=True)
         with fused_blocks():  # as in _task: nothing differentiates the query pass's gradient again
             out = forward(fast, self._grouped_features(qx))
         return per_task_loss(out, qy), inner.T, torch.func.vmap(self._score_fn)(out.detach(), qy)
@@ -303,8 +307,12 @@ class MAML(MetaLearner):
         """:meth:`_features` of ``[T, N, ...]`` inputs, per task."""
         return x
 
+    def _check_grouped(self) -> None:
+        """Refuse, when the learner is built, a model that ``--batching grouped`` cannot run."""
+        check_grouped(self.model)
+
     def _mode(self, batch: Episode) -> str:
-        """The batching of this run: ``loop`` or ``vmap`` as asked, or for ``auto`` the rule of
+        """The batching of this run: ``loop``, ``vmap`` or ``grouped`` as asked, or for ``auto`` the rule of
         :meth:`_auto_mode`, decided once (never by timing, so the same command gives the same
         bits), kept in ``batching`` and saved with checkpoints."""
         if self.batching == "auto":
@@ -325,6 +333,9 @@ class MAML(MetaLearner):
         return "loop" if convolutional else "vmap"
 
     def compile_networks(self) -> None:
+        if self.batching == "grouped":
+            raise ConfigError("--compile does not apply to --batching grouped (it runs the layers' grouped forms, not "
+                              "the compiled modules); use --batching loop or vmap with --compile")
         if not self.first_order:
             raise ConfigError(f"--compile does not work with second-order {self.name}: compiled graphs have no double "
                               "backward (the meta-gradient differentiates through the inner gradients); use "
@@ -528,10 +539,14 @@ class ANIL(MAML):
                           "submodule that produces the model's output with head=")
 
     def _grouped_features(self, x: Tensor) -> Tensor:
+        self._check_grouped()
+        return grouped_call(self.model.body, {}, x)
+
+    def _check_grouped(self) -> None:
         if self.head_name != "head" or not isinstance(self.model, BodyHead):
             raise ConfigError("ANIL with --batching grouped needs a body-and-head model (fastadapt's own); "
                               "use --batching loop or vmap")
-        return grouped_call(self.model.body, {}, x)
+        super()._check_grouped()
 
 
 @METHODS.register("metasgd")

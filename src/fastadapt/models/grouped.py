@@ -15,8 +15,8 @@ layer in a form that keeps the tasks apart:
 * a linear layer becomes a batched matrix product (``[T, N, in] @ [T, in, out]``).
 
 This is what ``torch.func.vmap`` does to the same layers through its batching rules, written
-directly: on the CPU the per-task Python loop, vmap and this differ in speed, not in result
-(``tests/test_maml.py`` checks the meta-gradients against the loop). A module takes part either
+directly: the per-task Python loop, vmap and this differ in speed and memory, and in results only
+by float rounding (``tests/test_maml.py`` checks the meta-gradients against the loop in float64). A module takes part either
 by being one of the layers above (or an ``nn.Sequential`` of them) or by defining
 ``grouped_forward(params, x)``, as :class:`~fastadapt.models.conv4.Conv4` and
 :class:`~fastadapt.models.mlp.MLP` do.
@@ -49,6 +49,33 @@ def stacked(module: nn.Module, params: Mapping[str, Tensor], name: str, tasks: i
     return None if own is None else own.expand(tasks, *own.shape)
 
 
+#: Layers without children that :func:`grouped_call` runs (with the checks of :func:`check_grouped`).
+LEAVES = (nn.Linear, nn.ReLU, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Conv2d, BatchStatNorm,
+          nn.BatchNorm2d)
+
+
+def check_grouped(module: nn.Module) -> None:
+    """Raise a ConfigError naming the first part of ``module`` that :func:`grouped_call` cannot run:
+    every module must define ``grouped_forward``, be an ``nn.Sequential`` or be one of
+    :data:`LEAVES`; modules with ``grouped_forward`` are checked through their children."""
+    if getattr(module, "grouped_forward", None) is not None or isinstance(module, nn.Sequential):
+        for child in module.children():
+            check_grouped(child)
+        return
+    if not isinstance(module, LEAVES):
+        raise _unsupported(type(module).__name__)
+    if isinstance(module, nn.Conv2d):
+        _check_conv(module)
+    if isinstance(module, nn.Flatten) and not (module.start_dim == 1 and module.end_dim == -1):
+        raise _unsupported("Flatten other than flatten(1)")
+    if isinstance(module, (BatchStatNorm, nn.BatchNorm2d)):
+        _check_norm(module)
+
+
+def _unsupported(what: str) -> ConfigError:
+    return ConfigError(f"--batching grouped has no grouped form of {what}; use --batching loop or vmap for this model")
+
+
 def grouped_call(module: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
     """``module`` applied to each task's inputs with that task's parameters: ``x`` is
     ``[T, N, ...]``, ``params`` maps (some of) ``module``'s parameter names to ``[T, ...]``
@@ -62,6 +89,8 @@ def grouped_call(module: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> 
             x = grouped_call(child, sub_params(params, name), x)
         return x
     if isinstance(module, nn.Linear):
+        if x.dim() != 3:
+            raise _unsupported(f"a linear layer on inputs of shape {tuple(x.shape[2:])} (one feature dimension only)")
         weight = stacked(module, params, "weight", tasks)
         bias = stacked(module, params, "bias", tasks)
         if bias is None:
@@ -74,13 +103,14 @@ def grouped_call(module: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> 
         return out.view(*x.shape[:2], *out.shape[1:])
     if isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
         return x.flatten(2)
-    if isinstance(module, (nn.Conv2d, BatchStatNorm, nn.BatchNorm2d)) and x.dim() == 5:
+    if isinstance(module, (nn.Conv2d, BatchStatNorm, nn.BatchNorm2d)):
+        if x.dim() != 5:
+            raise _unsupported(f"{type(module).__name__} on inputs of shape {tuple(x.shape[2:])} (images only)")
         # One layer on its own (a Conv-4 runs all its blocks in the channel layout instead).
         layer = conv2d if isinstance(module, nn.Conv2d) else batch_norm
         out = layer(module, params, to_channels(x), tasks)
         return out.view(out.shape[0], tasks, -1, *out.shape[2:]).transpose(0, 1)
-    raise ConfigError(f"--batching grouped has no grouped form of {type(module).__name__}; "
-                      "use --batching loop or vmap for this model")
+    raise _unsupported(type(module).__name__)
 
 
 def to_channels(x: Tensor) -> Tensor:
@@ -97,9 +127,7 @@ def from_channels(z: Tensor, tasks: int) -> Tensor:
 
 def conv2d(conv: nn.Conv2d, params: Mapping[str, Tensor], z: Tensor, tasks: int) -> Tensor:
     """``conv`` on the channel-stacked ``z`` (``[N, T*C, H, W]``), one weight per task."""
-    if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        raise ConfigError("--batching grouped supports plain convolutions (groups=1, zero padding given as "
-                          "numbers); use --batching loop or vmap for this model")
+    _check_conv(conv)
     weight = stacked(conv, params, "weight", tasks)
     bias = stacked(conv, params, "bias", tasks)
     weight = weight.reshape(-1, *weight.shape[2:])
@@ -107,11 +135,21 @@ def conv2d(conv: nn.Conv2d, params: Mapping[str, Tensor], z: Tensor, tasks: int)
                     conv.dilation, groups=tasks)
 
 
-def batch_norm(norm: nn.Module, params: Mapping[str, Tensor], z: Tensor, tasks: int) -> Tensor:
-    """Batch-statistics normalisation of the channel-stacked ``z``: per task and channel."""
+def _check_conv(conv: nn.Conv2d) -> None:
+    if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ConfigError("--batching grouped supports plain convolutions (groups=1, zero padding given as "
+                          "numbers); use --batching loop or vmap for this model")
+
+
+def _check_norm(norm: nn.Module) -> None:
     if not isinstance(norm, BatchStatNorm) and not (isinstance(norm, nn.BatchNorm2d) and norm.running_mean is None):
         raise ConfigError(f"--batching grouped normalises with batch statistics only, not with {norm!r}; "
                           "use --batching loop")
+
+
+def batch_norm(norm: nn.Module, params: Mapping[str, Tensor], z: Tensor, tasks: int) -> Tensor:
+    """Batch-statistics normalisation of the channel-stacked ``z``: per task and channel."""
+    _check_norm(norm)
     weight, bias = (affine_params(norm, params, tasks) if norm.affine else (None, None))
     return F.batch_norm(z, None, None, weight, bias, True, 0.0, norm.eps)
 
