@@ -210,6 +210,7 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=32)
     ap.add_argument("--queries", type=int, default=5)
     ap.add_argument("--threads", default="2,1")
+    ap.add_argument("--name", default="maml_speed", help="results/NAME.json and .png")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -243,7 +244,7 @@ def main() -> None:
             t0 = time.time()
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
             res = json.loads(out.strip().splitlines()[-1])
-            res.update(allocator=alloc, threads=threads, wall_seconds=round(time.time() - t0, 1))
+            res.update(allocator=alloc, threads=threads, queries=args.queries, wall_seconds=round(time.time() - t0, 1))
             s = res["seconds_per_meta_iteration"]
             print(f"threads={threads} allocator={alloc}: plain {s['plain']:.3f} s, ours-loop {s['ours-loop']:.3f} s "
                   f"(unfused {s['ours-loop-unfused']:.3f} s; with BatchNorm/ReLU/pool free {s['ours-loop-bound']:.3f} s), "
@@ -268,11 +269,11 @@ def main() -> None:
                           "meta_batch": args.tasks, "inner_steps": 1, "inner_lr": 0.4, "backbone": "conv4 28x28",
                           "tuned_allocator_env": TUNED},
                    peak_memory_2_threads_default_allocator=memory, settings=settings)
-    save("maml_speed", payload)
-    plot(settings)
+    save(args.name, payload)
+    plot(settings, args.name)
 
 
-def plot(settings: list[dict]) -> None:
+def plot(settings: list[dict], name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -290,12 +291,12 @@ def plot(settings: list[dict]) -> None:
     ax.set_xticks(range(len(settings)))
     ax.set_xticklabels(labels)
     ax.set_ylabel("seconds per meta-iteration")
-    ax.set_title("MAML 5w1s, meta-batch 32, Conv-4 (CPU)")
+    ax.set_title(f"MAML 5w1s, {settings[0].get('queries', '?')} queries per class, meta-batch 32, Conv-4 (CPU)")
     ax.legend()
     fig.tight_layout()
     from _common import save_figure
 
-    save_figure(fig, "maml_speed")
+    save_figure(fig, name)
 
 
 if __name__ == "__main__":
