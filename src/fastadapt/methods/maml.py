@@ -21,12 +21,12 @@ gradients up to float rounding, not the same bits, so a run never switches path.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from ..errors import ConfigError
 from ..models.conv4 import build_backbone
@@ -146,7 +146,7 @@ class MAML(MetaLearner):
     task_kind = "classification"
     head_only: bool = False
     learn_lrs: bool = False
-    #: The ``--batching`` values this learner runs (``grouped``: :meth:`_grouped_tasks`).
+    #: The ``--batching`` values this learner runs (``grouped``: :meth:`_task` with ``grouped=True``).
     batching_modes: tuple[str, ...] = (*BATCHING_MODES, "grouped")
     #: Tasks per group with ``--batching grouped``: on a two-core CPU groups of 4 to 8 tasks ran
     #: fastest (a whole meta-batch of 32 at once was slower, with 3x the memory of 8).
@@ -251,57 +251,59 @@ class MAML(MetaLearner):
         return InnerSGD(self.inner_lr)
 
     def _fit(self, support_x: Tensor, support_y: Tensor, differentiable: bool,
-             ways: int | None = None) -> tuple[Params, Tensor]:
-        """Adapt to one task: the single inner loop shared by training and evaluation."""
+             ways: int | None = None, grouped: bool = False) -> tuple[Params, Tensor]:
+        """Adapt to one task: the single inner loop shared by training and evaluation.
+        ``grouped``: ``support_x [T, S, ...]`` holds ``T`` tasks, fitted at once as one network
+        (``--batching grouped``, :mod:`fastadapt.models.grouped`); the meta-parameters are
+        broadcast to ``[T, ...]``, so their gradient sums the tasks' gradients as the loop's does."""
+        params = self._adapted(ways)
+        loss_fn = self._loss_fn
+        if grouped:
+            params = {k: v.expand(support_x.shape[0], *v.shape) for k, v in params.items()}
+            loss_fn = torch.func.vmap(loss_fn)
         return inner_loop(
-            module_forward(self._inner_module()),
-            self._loss_fn,
-            self._adapted(ways),
-            self._features(support_x),
+            self._forward(grouped),
+            loss_fn,
+            params,
+            self._grouped_features(support_x) if grouped else self._features(support_x),
             support_y,
             self.inner_steps,
             self._inner_optimizer(ways),
             differentiable=differentiable,
             checkpoint=self.grad_checkpoint and differentiable,
+            per_task=grouped,
         )
 
-    def _outputs(self, params: Params, x: Tensor) -> Tensor:
-        return functional_call(self._inner_module(), params, (self._features(x),))
+    def _forward(self, grouped: bool = False) -> Callable[[Params, Tensor], Tensor]:
+        """``forward(params, features)`` of :meth:`_inner_module` (``grouped``: for stacked tasks)."""
+        module = self._inner_module()
+        if grouped:
+            return lambda params, x: grouped_call(module, params, x)
+        return module_forward(module)
 
-    def _task(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _outputs(self, params: Params, x: Tensor, grouped: bool = False) -> Tensor:
+        return self._forward(grouped)(params, self._grouped_features(x) if grouped else self._features(x))
+
+    def _task(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor,
+              grouped: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """Query loss after adaptation (differentiable w.r.t. the meta-parameters), inner losses
-        ``[steps]`` and the query score (accuracy or MSE), for one task."""
-        fast, inner_losses = self._fit(sx, sy, differentiable=not self.first_order)
+        ``[steps]`` and the query score (accuracy or MSE), for one task; ``grouped``: for the
+        ``T`` tasks of ``sx [T, S, ...]`` at once (see :meth:`_fit`): ``[T]``, ``[T, steps]``, ``[T]``."""
+        fast, inner_losses = self._fit(sx, sy, differentiable=not self.first_order, grouped=grouped)
         # Nothing differentiates the query pass's gradient again (the second-order terms run
         # through the inner loop), so Conv-4 may use its fused blocks here.
         with fused_blocks():
-            out = self._outputs(fast, qx)
-        return self._loss_fn(out, qy), inner_losses, self._score_fn(out.detach(), qy)
+            out = self._outputs(fast, qx, grouped)
+        loss_fn, score_fn = self._loss_fn, self._score_fn
+        if grouped:
+            loss_fn, score_fn, inner_losses = torch.func.vmap(loss_fn), torch.func.vmap(score_fn), inner_losses.T
+        return loss_fn(out, qy), inner_losses, score_fn(out.detach(), qy)
 
     def _groups(self, b: Episode) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
         """``b``'s tasks in groups of :attr:`group_size` (support and query tensors)."""
         k = self.group_size
         return [(b.support_x[i:i + k], b.support_y[i:i + k], b.query_x[i:i + k], b.query_y[i:i + k])
                 for i in range(0, b.num_tasks, k)]
-
-    def _grouped_tasks(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`_task` for ``T`` tasks at once as one network (``--batching grouped``; see
-        :mod:`fastadapt.models.grouped`): query losses ``[T]``, inner losses ``[T, steps]`` and
-        scores ``[T]``. The meta-parameters are broadcast to ``[T, ...]``, so their gradient sums the
-        tasks' gradients as the loop's does."""
-        tasks = sx.shape[0]
-        module = self._inner_module()
-        params = {k: v.expand(tasks, *v.shape) for k, v in self._adapted().items()}
-
-        def forward(p: Params, x: Tensor) -> Tensor:
-            return grouped_call(module, p, x)
-
-        per_task_loss = torch.func.vmap(self._loss_fn)
-        fast, inner = inner_loop(forward, per_task_loss, params, self._grouped_features(sx), sy, self.inner_steps,
-                                 self._inner_optimizer(), differentiable=not self.first_order, per_task=True)
-        with fused_blocks():  # as in _task: nothing differentiates the query pass's gradient again
-            out = forward(fast, self._grouped_features(qx))
-        return per_task_loss(out, qy), inner.T, torch.func.vmap(self._score_fn)(out.detach(), qy)
 
     def _grouped_features(self, x: Tensor) -> Tensor:
         """:meth:`_features` of ``[T, N, ...]`` inputs, per task."""
@@ -372,7 +374,7 @@ class MAML(MetaLearner):
 
     def _meta_loss(self, b: Episode, mode: str) -> tuple[Tensor, dict[str, float]]:
         if mode == "grouped":
-            groups = [self._grouped_tasks(*g) for g in self._groups(b)]
+            groups = [self._task(*g, grouped=True) for g in self._groups(b)]
             losses, inner, score = (torch.cat(parts) for parts in zip(*groups))
         else:
             losses, inner, score = map_tasks(self._task, mode, b.support_x, b.support_y, b.query_x, b.query_y)
@@ -424,7 +426,7 @@ class MAML(MetaLearner):
         # A loop over tasks, or over groups of tasks: each one's graph is freed by its own backward.
         n = b.num_tasks
         if mode == "grouped":
-            units = [(self._grouped_tasks, g) for g in self._groups(b)]
+            units = [(functools.partial(self._task, grouped=True), g) for g in self._groups(b)]
         else:
             units = [(self._task, (b.support_x[i], b.support_y[i], b.query_x[i], b.query_y[i])) for i in range(n)]
         losses, inners, scores = [], [], []
@@ -539,14 +541,17 @@ class ANIL(MAML):
                           "submodule that produces the model's output with head=")
 
     def _grouped_features(self, x: Tensor) -> Tensor:
-        self._check_grouped()
+        self._check_body_head()
         return grouped_call(self.model.body, {}, x)
 
     def _check_grouped(self) -> None:
+        self._check_body_head()
+        super()._check_grouped()
+
+    def _check_body_head(self) -> None:
         if self.head_name != "head" or not isinstance(self.model, BodyHead):
             raise ConfigError("ANIL with --batching grouped needs a body-and-head model (fastadapt's own); "
                               "use --batching loop or vmap")
-        super()._check_grouped()
 
 
 @METHODS.register("metasgd")
