@@ -59,21 +59,34 @@ def conv4_layers_free() -> Iterator[None]:
     max-pooling are replaced by a strided view (every second pixel), the cheapest operation with
     the pooled output's shape. The arithmetic is wrong on purpose: a step timed this way keeps
     everything else as it is (convolutions, head, loss, inner update, autograd), so its time is
-    a measured lower bound for any implementation of those three layers, fused or not."""
+    a measured lower bound for any implementation of those three layers, fused or not. Both
+    forms are replaced: ``forward`` and ``grouped_forward`` (MAML's ``--batching grouped``)."""
+    from fastadapt.models import grouped
     from fastadapt.models.conv4 import Conv4
+
+    def pool_free(x: torch.Tensor) -> torch.Tensor:
+        return x[..., : x.shape[-2] // 2 * 2 : 2, : x.shape[-1] // 2 * 2 : 2]
 
     def convolutions_only(self: Conv4, x: torch.Tensor) -> torch.Tensor:
         for block in self.encoder:
-            x = block[0](x)
-            x = x[..., : x.shape[-2] // 2 * 2 : 2, : x.shape[-1] // 2 * 2 : 2]
+            x = pool_free(block[0](x))
         return x.flatten(1)
 
-    forward = Conv4.forward
-    Conv4.forward = convolutions_only
+    def grouped_convolutions_only(self: Conv4, params: dict, x: torch.Tensor) -> torch.Tensor:
+        tasks, z = x.shape[0], grouped.to_channels(x)
+        if self.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
+        for i, block in enumerate(self.encoder):
+            own = grouped.sub_params(grouped.sub_params(params, f"encoder.{i}"), "0")
+            z = pool_free(grouped.conv2d(block[0], own, z, tasks))
+        return grouped.from_channels(z, tasks)
+
+    saved = Conv4.forward, Conv4.grouped_forward
+    Conv4.forward, Conv4.grouped_forward = convolutions_only, grouped_convolutions_only
     try:
         yield
     finally:
-        Conv4.forward = forward
+        Conv4.forward, Conv4.grouped_forward = saved
 
 
 def rss_mb(field: str) -> float:

@@ -10,14 +10,16 @@ Compared in the same process, on the same meta-batch, at the same gradients:
   Conv-4's fused BatchNorm/ReLU/max-pool blocks switched off (``fastadapt.models.fused.ENABLED``);
 * ``ours-grouped``: ``--batching grouped``, groups of 8 tasks run as one network with grouped
   convolutions (``fastadapt.models.grouped``), a backward pass per group;
-* ``ours-loop-bound``: a timing bound, not an implementation: the loop with every Conv-4
-  BatchNorm, ReLU and max-pool (both passes) replaced by a strided view (``conv4_layers_free``
-  in ``_common.py``; its gradient is not checked). No implementation of those layers can make the
-  loop faster than this; plain / bound is the most any of them could gain.
+* ``ours-loop-bound`` / ``ours-grouped-bound``: timing bounds, not implementations: the loop
+  (the grouped batching) with every Conv-4 BatchNorm, ReLU and max-pool (both passes) replaced by
+  a strided view (``conv4_layers_free`` in ``_common.py``; their gradients are not checked). No
+  implementation of those layers can make the loop (grouped) faster than this; plain / bound is
+  the most any of them could gain.
 
 Each worker also counts the meta-iteration's FLOPs (``FlopCounterMode`` on the plain loop), measures
 the process's fp32 matrix-multiply ceiling, reports the GFLOP/s each implementation reaches against
-it, and profiles one ``ours-loop`` iteration for the share of its time spent in convolutions (the
+it and the FLOP bound (FLOPs / ceiling: the step's convolutions and products alone, at the
+ceiling, with nothing else costing time), and profiles one ``ours-loop`` iteration for the share of its time spent in convolutions (the
 profiler's attribution: a looser bound on what any change outside the convolution kernels can
 gain than the measured ``ours-loop-bound``, which also keeps the head, inner update and autograd).
 
@@ -116,13 +118,16 @@ def implementations(tasks: int, queries: int) -> tuple[dict, Any]:
             return [p.grad for p in learner.model.parameters()]
         return f
 
-    def run_bound():
-        with conv4_layers_free():
-            learner._backward(batch, "loop", 0)
+    def run_bound(mode):
+        def f():
+            with conv4_layers_free():
+                learner._backward(batch, mode, 0)
+        return f
 
     impls = {"plain": run_plain, "ours-loop": run_ours("loop"), "ours-loop-unfused": run_ours("loop", False),
              "ours-grouped": run_ours("grouped"), "ours-vmap": run_ours("vmap")}
-    return impls, run_bound, batch, learner
+    bounds = {"ours-loop-bound": run_bound("loop"), "ours-grouped-bound": run_bound("grouped")}
+    return impls, bounds, batch, learner
 
 
 def memory_worker(impl: str, tasks: int, queries: int) -> dict:
@@ -131,8 +136,8 @@ def memory_worker(impl: str, tasks: int, queries: int) -> dict:
     from _common import rss_mb
     from fastadapt.measure.memory import PeakMemory
 
-    impls, run_bound, _, _ = implementations(tasks, queries)
-    impls["ours-loop-bound"] = run_bound
+    impls, bounds, _, _ = implementations(tasks, queries)
+    impls.update(bounds)
     before = rss_mb("VmRSS")
     with PeakMemory() as pm:
         impls[impl]()
@@ -147,11 +152,12 @@ def worker(reps: int, tasks: int, queries: int) -> dict:
     from fastadapt.models import Conv4
     from fastadapt.tasks import Episode
 
-    impls, run_bound, batch, learner = implementations(tasks, queries)
+    impls, bounds, batch, learner = implementations(tasks, queries)
     names = [n for n, _ in learner.model.named_parameters()]
     grads = {k: [t.clone() for t in f()] for k, f in impls.items()}  # also the warm-up
-    impls["ours-loop-bound"] = run_bound  # timed only: its gradient is wrong on purpose
-    run_bound()
+    impls.update(bounds)  # timed only: their gradients are wrong on purpose
+    for f in bounds.values():
+        f()
     ref = grads["plain"]
 
     def rel(a, b):  # relative difference of the whole gradient vector
@@ -194,10 +200,12 @@ def worker(reps: int, tasks: int, queries: int) -> dict:
         if i >= 2:
             proto_times.append(time.perf_counter() - t0)
     medians = {k: statistics.median(v) for k, v in times.items()}
+    real = [k for k in medians if k not in bounds]
     return {"seconds_per_meta_iteration": medians,
             "gflop_per_meta_iteration": flops / 1e9, "matmul_ceiling_gflops": ceiling,
-            "gflops": {k: flops / 1e9 / v for k, v in medians.items() if k != "ours-loop-bound"},
-            "fraction_of_ceiling": {k: flops / 1e9 / v / ceiling for k, v in medians.items() if k != "ours-loop-bound"},
+            "flop_bound_seconds": flops / 1e9 / ceiling,
+            "gflops": {k: flops / 1e9 / medians[k] for k in real},
+            "fraction_of_ceiling": {k: flops / 1e9 / medians[k] / ceiling for k in real},
             "convolution_share_ours_loop": conv / total,
             "all_seconds": times, "grad_max_rel_diff_vs_plain": grad_check, "grad_norm": grad_norm,
             "protonet_episode_seconds": statistics.median(proto_times),
@@ -244,11 +252,12 @@ def main() -> None:
             t0 = time.time()
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
             res = json.loads(out.strip().splitlines()[-1])
-            res.update(allocator=alloc, threads=threads, queries=args.queries, wall_seconds=round(time.time() - t0, 1))
+            res.update(allocator=alloc, threads=threads, queries=args.queries, tasks=args.tasks, wall_seconds=round(time.time() - t0, 1))
             s = res["seconds_per_meta_iteration"]
             print(f"threads={threads} allocator={alloc}: plain {s['plain']:.3f} s, ours-loop {s['ours-loop']:.3f} s "
                   f"(unfused {s['ours-loop-unfused']:.3f} s; with BatchNorm/ReLU/pool free {s['ours-loop-bound']:.3f} s), "
-                  f"ours-grouped {s['ours-grouped']:.3f} s, ours-vmap {s['ours-vmap']:.3f} s, protonet episode "
+                  f"ours-grouped {s['ours-grouped']:.3f} s (layers free {s['ours-grouped-bound']:.3f} s), "
+                  f"FLOP bound {res['flop_bound_seconds']:.3f} s, ours-vmap {s['ours-vmap']:.3f} s, protonet episode "
                   f"{res['protonet_episode_seconds'] * 1e3:.1f} ms; grad rel diff {res['grad_max_rel_diff_vs_plain']}; "
                   f"{res['gflop_per_meta_iteration']:.0f} GFLOP per meta-iteration, ours-loop at "
                   f"{res['gflops']['ours-loop']:.0f} GFLOP/s of a {res['matmul_ceiling_gflops']:.0f} GFLOP/s matmul "
@@ -262,8 +271,11 @@ def main() -> None:
         r["speedup_best_vs_plain"] = s["plain"] / min(s[k] for k in ours)
         # The fastest the loop could be if everything but its convolutions took no time (profiled share) ...
         r["convolution_bound_speedup_vs_plain"] = s["plain"] / (s["ours-loop"] * r["convolution_share_ours_loop"])
-        # ... and, measured, if only its BatchNorm, ReLU and max-pooling took no time.
+        # ... and, measured, if only its BatchNorm, ReLU and max-pooling took no time (loop, grouped).
         r["layers_free_bound_speedup_vs_plain"] = s["plain"] / s["ours-loop-bound"]
+        r["grouped_layers_free_bound_speedup_vs_plain"] = s["plain"] / s["ours-grouped-bound"]
+        # The most any implementation could reach: the FLOPs at the matrix-multiply ceiling.
+        r["flop_bound_speedup_vs_plain"] = s["plain"] / r["flop_bound_seconds"]
     payload = {"budget": f"{args.reps} timed meta-iterations per implementation and setting (medians)"}
     payload.update(setup={"method": "MAML second order", "ways": 5, "shots": 1, "queries_per_class": args.queries,
                           "meta_batch": args.tasks, "inner_steps": 1, "inner_lr": 0.4, "backbone": "conv4 28x28",
@@ -280,19 +292,25 @@ def plot(settings: list[dict], name: str) -> None:
     import matplotlib.pyplot as plt
 
     labels = [f"{r['threads']} thr\n{r['allocator']} malloc" for r in settings]
-    impls = ["plain", "ours-loop", "ours-loop-unfused", "ours-grouped", "ours-vmap", "ours-loop-bound"]
-    fig, ax = plt.subplots(figsize=(8.5, 3.8))
-    width = 0.14
+    impls = ["plain", "ours-loop", "ours-loop-unfused", "ours-grouped", "ours-vmap", "ours-loop-bound",
+             "ours-grouped-bound"]
+    bound_labels = {"ours-loop-bound": "bound: loop, BatchNorm/ReLU/pool free",
+                    "ours-grouped-bound": "bound: grouped, BatchNorm/ReLU/pool free"}
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    width = 0.12
     for j, k in enumerate(impls):
-        ax.bar([i + (j - 2.5) * width for i in range(len(settings))],
-               [r["seconds_per_meta_iteration"][k] for r in settings], width,
-               label="bound: BatchNorm/ReLU/pool free" if k == "ours-loop-bound" else k,
-               hatch="//" if k == "ours-loop-bound" else None)
+        ax.bar([i + (j - 3) * width for i in range(len(settings))],
+               [r["seconds_per_meta_iteration"][k] for r in settings if k in r["seconds_per_meta_iteration"]], width,
+               label=bound_labels.get(k, k), hatch="//" if k in bound_labels else None)
+    for i, r in enumerate(settings):  # the FLOPs at the matrix-multiply ceiling
+        ax.hlines(r["flop_bound_seconds"], i - 3.5 * width, i + 3.5 * width, colors="k", linestyles=":",
+                  label="FLOP bound (FLOPs / matmul ceiling)" if i == 0 else None)
     ax.set_xticks(range(len(settings)))
     ax.set_xticklabels(labels)
     ax.set_ylabel("seconds per meta-iteration")
-    ax.set_title(f"MAML 5w1s, {settings[0].get('queries', '?')} queries per class, meta-batch 32, Conv-4 (CPU)")
-    ax.legend()
+    ax.set_title(f"MAML 5w1s, {settings[0].get('queries', '?')} queries per class, "
+                 f"meta-batch {settings[0].get('tasks', 32)}, Conv-4 (CPU)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     from _common import save_figure
 
