@@ -8,6 +8,8 @@ Compared in the same process, on the same meta-batch, at the same gradients:
 * ``ours-loop`` / ``ours-vmap``: fastadapt's MAML (one functional inner loop, ``torch.func``),
   tasks run as a loop (backward per task) or under ``vmap``; ``ours-loop-unfused``: the loop with
   Conv-4's fused BatchNorm/ReLU/max-pool blocks switched off (``fastadapt.models.fused.ENABLED``);
+  ``ours-loop-torch-fused`` / ``ours-grouped-torch-fused``: the fused blocks computed with PyTorch
+  operations instead of the native kernels (``fastadapt.models.native.ENABLED``);
 * ``ours-grouped``: ``--batching grouped``, groups of 8 tasks run as one network with grouped
   convolutions (``fastadapt.models.grouped``), a backward pass per group;
 * ``ours-loop-bound`` / ``ours-grouped-bound``: timing bounds, not implementations: the loop
@@ -87,7 +89,7 @@ def implementations(tasks: int, queries: int) -> tuple[dict, Any]:
     only), the meta-batch and fastadapt's learner."""
     from _common import conv4_layers_free
     from fastadapt.methods import MAML
-    from fastadapt.models import fused
+    from fastadapt.models import fused, native
     from fastadapt.tasks import Episode
 
     torch.manual_seed(0)
@@ -108,13 +110,13 @@ def implementations(tasks: int, queries: int) -> tuple[dict, Any]:
             p.grad = None
         return plain_maml_grads(plain, batch, 0.4, 1)
 
-    def run_ours(mode, fuse=True):
+    def run_ours(mode, fuse=True, kernels=True):
         def f():
-            fused.ENABLED = fuse
+            fused.ENABLED, native.ENABLED = fuse, kernels
             try:
                 learner._backward(batch, mode, 0)
             finally:
-                fused.ENABLED = True
+                fused.ENABLED = native.ENABLED = True
             return [p.grad for p in learner.model.parameters()]
         return f
 
@@ -124,8 +126,9 @@ def implementations(tasks: int, queries: int) -> tuple[dict, Any]:
                 learner._backward(batch, mode, 0)
         return f
 
-    impls = {"plain": run_plain, "ours-loop": run_ours("loop"), "ours-loop-unfused": run_ours("loop", False),
-             "ours-grouped": run_ours("grouped"), "ours-vmap": run_ours("vmap")}
+    impls = {"plain": run_plain, "ours-loop": run_ours("loop"), "ours-loop-torch-fused": run_ours("loop", kernels=False),
+             "ours-loop-unfused": run_ours("loop", False), "ours-grouped": run_ours("grouped"),
+             "ours-grouped-torch-fused": run_ours("grouped", kernels=False), "ours-vmap": run_ours("vmap")}
     bounds = {"ours-loop-bound": run_bound("loop"), "ours-grouped-bound": run_bound("grouped")}
     return impls, bounds, batch, learner
 
@@ -234,7 +237,8 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if k not in TUNED}
     env.update(OMP_NUM_THREADS="2", PYTHONPATH=src + os.pathsep + env.get("PYTHONPATH", ""))
     memory = {}
-    for impl in ("plain", "ours-loop", "ours-loop-unfused", "ours-grouped", "ours-vmap"):
+    for impl in ("plain", "ours-loop", "ours-loop-torch-fused", "ours-loop-unfused", "ours-grouped",
+                 "ours-grouped-torch-fused", "ours-vmap"):
         cmd = [sys.executable, __file__, "--memory-worker", impl, "--tasks", str(args.tasks), "--queries",
                str(args.queries)]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
@@ -255,7 +259,9 @@ def main() -> None:
             res.update(allocator=alloc, threads=threads, queries=args.queries, tasks=args.tasks, wall_seconds=round(time.time() - t0, 1))
             s = res["seconds_per_meta_iteration"]
             print(f"threads={threads} allocator={alloc}: plain {s['plain']:.3f} s, ours-loop {s['ours-loop']:.3f} s "
-                  f"(unfused {s['ours-loop-unfused']:.3f} s; with BatchNorm/ReLU/pool free {s['ours-loop-bound']:.3f} s), "
+                  f"(fused blocks in PyTorch operations {s['ours-loop-torch-fused']:.3f} s, unfused "
+                  f"{s['ours-loop-unfused']:.3f} s; with BatchNorm/ReLU/pool free {s['ours-loop-bound']:.3f} s), "
+                  f"ours-grouped-torch-fused {s['ours-grouped-torch-fused']:.3f} s, "
                   f"ours-grouped {s['ours-grouped']:.3f} s (layers free {s['ours-grouped-bound']:.3f} s), "
                   f"FLOP bound {res['flop_bound_seconds']:.3f} s, ours-vmap {s['ours-vmap']:.3f} s, protonet episode "
                   f"{res['protonet_episode_seconds'] * 1e3:.1f} ms; grad rel diff {res['grad_max_rel_diff_vs_plain']}; "
@@ -266,7 +272,8 @@ def main() -> None:
             settings.append(res)
     for r in settings:
         s = r["seconds_per_meta_iteration"]
-        ours = ("ours-loop", "ours-loop-unfused", "ours-grouped", "ours-vmap")
+        ours = ("ours-loop", "ours-loop-torch-fused", "ours-loop-unfused", "ours-grouped", "ours-grouped-torch-fused",
+                "ours-vmap")
         r["speedup_vs_plain"] = {k: s["plain"] / s[k] for k in ours}
         r["speedup_best_vs_plain"] = s["plain"] / min(s[k] for k in ours)
         # The fastest the loop could be if everything but its convolutions took no time (profiled share) ...
@@ -292,18 +299,18 @@ def plot(settings: list[dict], name: str) -> None:
     import matplotlib.pyplot as plt
 
     labels = [f"{r['threads']} thr\n{r['allocator']} malloc" for r in settings]
-    impls = ["plain", "ours-loop", "ours-loop-unfused", "ours-grouped", "ours-vmap", "ours-loop-bound",
-             "ours-grouped-bound"]
+    impls = ["plain", "ours-loop", "ours-loop-torch-fused", "ours-loop-unfused", "ours-grouped",
+             "ours-grouped-torch-fused", "ours-vmap", "ours-loop-bound", "ours-grouped-bound"]
     bound_labels = {"ours-loop-bound": "bound: loop, BatchNorm/ReLU/pool free",
                     "ours-grouped-bound": "bound: grouped, BatchNorm/ReLU/pool free"}
     fig, ax = plt.subplots(figsize=(11, 4.2))
-    width = 0.12
+    width = 0.09
     for j, k in enumerate(impls):
-        ax.bar([i + (j - 3) * width for i in range(len(settings))],
+        ax.bar([i + (j - 4) * width for i in range(len(settings))],
                [r["seconds_per_meta_iteration"][k] for r in settings if k in r["seconds_per_meta_iteration"]], width,
                label=bound_labels.get(k, k), hatch="//" if k in bound_labels else None)
     for i, r in enumerate(settings):  # the FLOPs at the matrix-multiply ceiling
-        ax.hlines(r["flop_bound_seconds"], i - 3.5 * width, i + 3.5 * width, colors="k", linestyles=":",
+        ax.hlines(r["flop_bound_seconds"], i - 4.5 * width, i + 4.5 * width, colors="k", linestyles=":",
                   label="FLOP bound (FLOPs / matmul ceiling)" if i == 0 else None)
     ax.set_xticks(range(len(settings)))
     ax.set_xticklabels(labels)

@@ -1,4 +1,4 @@
-"""Atomic, safe checkpoint files.
+"""Atomic, safe checkpoint files, and the user cache folder.
 
 A checkpoint is written to a temporary file in the same folder, flushed to disk and renamed over
 the old one, so an interrupted write never leaves a half-written checkpoint behind. Loading uses
@@ -19,6 +19,19 @@ from typing import Any, BinaryIO, Callable
 import torch
 
 from .errors import DataError
+
+
+def cache_dir() -> Path:
+    """``$FASTADAPT_CACHE``, else ``$XDG_CACHE_HOME/fastadapt``, else ``~/.cache/fastadapt``: where
+    downloads, dataset caches and built kernels go (created when missing)."""
+    env = os.environ.get("FASTADAPT_CACHE")
+    if env:
+        path = Path(env)
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = Path(base) / "fastadapt"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:

@@ -10,17 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..io import cache_dir
 
-def cache_dir() -> Path:
-    """``$FASTADAPT_CACHE``, else ``$XDG_CACHE_HOME/fastadapt``, else ``~/.cache/fastadapt``."""
-    env = os.environ.get("FASTADAPT_CACHE")
-    if env:
-        path = Path(env)
-    else:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        path = Path(base) / "fastadapt"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+__all__ = ["cache_dir", "default_data_dir", "env_data_dir", "DATA_ENV"]
 
 
 def default_data_dir(name: str) -> Path:

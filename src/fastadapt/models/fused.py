@@ -16,8 +16,14 @@ computes the same function with fewer full-resolution passes:
   pooled tensors, and the full-resolution work is one multiply-add plus the scatter of the
   pooled gradient to the maxima (the first maximum of a window on ties, as ``max_pool2d``).
 
+For float32 NCHW tensors the same arithmetic runs in native kernels where they can be built
+(:mod:`fastadapt.models.native`): two passes over ``z`` forward (statistics; normalise, rectify and
+pool) and one backward (the input gradient written once), against about eight full-resolution
+passes of the PyTorch operations each way. Otherwise (float64, channels-last, no C compiler) the
+PyTorch operations below run.
+
 The result equals ``max_pool2d(relu(batch_norm(z, training=True)), 2)`` and its gradients up to
-float rounding (``tests/test_fused.py`` checks both against float64). The backward pass is
+float rounding (``tests/test_fused.py`` and ``tests/test_native.py`` check both against float64). The backward pass is
 written by hand and is not itself differentiable, so the operation is only used inside
 :func:`fused_blocks`, which callers enter where nothing differentiates the gradient again
 (MAML's query pass, ProtoNet's episode loss); elsewhere Conv-4 runs its layers one by one.
@@ -33,6 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from . import native
 from .norm import BatchStatNorm
 
 #: Set to False to run every Conv-4 layer on its own, even inside :func:`fused_blocks` (to compare
@@ -118,6 +125,8 @@ def affine_relu_pool(z: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tupl
     """``max_pool2d(relu(batch_norm(z, None, None, gamma, beta, training=True, eps=eps)), 2)`` with
     per-channel tensors ``gamma`` and ``beta`` (any sign), and the batch mean and biased variance
     of ``z`` per channel (no gradient). The caller checks :func:`can_fuse` first."""
+    if native.usable(z):
+        return _NativeBNReLUPool.apply(z, gamma, beta, eps)
     negative = gamma < 0
     if not bool(negative.any()):
         return _BNReLUPool.apply(z, gamma, beta, eps)
@@ -187,4 +196,24 @@ class _BNReLUPool(torch.autograd.Function):
         gz = grad_z[..., : h // 2 * 2, : w // 2 * 2]
         gz[..., 0::2] += g_left
         gz[..., 1::2].add_(rows).sub_(g_left)
+        return grad_z, grad_gamma, grad_beta, None
+
+
+class _NativeBNReLUPool(torch.autograd.Function):
+    """The fused block in :mod:`fastadapt.models.native`'s kernels (any sign of ``gamma``); saves
+    ``z`` itself, the pooled values and each window's chosen position (one byte) for the backward
+    pass."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        out, pooled, idx, mean, var, invstd = native.forward(z, gamma, beta, eps)
+        ctx.save_for_backward(z, out, pooled, idx, mean, invstd, gamma)
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor, _gm: Tensor, _gv: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+        z, out, pooled, idx, mean, invstd, gamma = ctx.saved_tensors
+        grad_z, grad_gamma, grad_beta = native.backward(grad_out, z, out, pooled, idx, mean, invstd, gamma)
         return grad_z, grad_gamma, grad_beta, None

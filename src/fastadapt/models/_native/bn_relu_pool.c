@@ -1,0 +1,207 @@
+/* Conv-4's BatchNorm (batch statistics) -> ReLU -> 2x2 max-pool, forward and backward, for
+   float32 NCHW tensors on the CPU: the native kernels of fastadapt.models.fused (built and loaded by
+   fastadapt.models.native, which checks shapes, dtypes and contiguity before calling).
+
+   PyTorch's operations read and write the full-resolution activations several times per pass;
+   these kernels read them once in the forward pass after the statistics (one pass each for the
+   statistics and for normalising, rectifying and pooling a plane) and once in the backward pass
+   (one write of the input gradient), plane by plane in memory order. Semantics, checked by
+   tests/test_native.py against PyTorch's layers in float64:
+   - the batch mean and biased variance per channel over N x H x W (sums of each plane in float,
+     of the planes in double, shifted by one value of the channel so the squares do not cancel);
+   - each 2x2 window's maximum (minimum where gamma * invstd < 0: the affine map then decreases),
+     the first one in row-major order on ties and NaN when the window holds one, as max_pool2d;
+     a last odd row or column is dropped, as max_pool2d does;
+   - out = max(0, a * (x - mean) + beta) with a = gamma / sqrt(var + eps) (NaN stays NaN);
+   - the input gradient a * (dy - mean(dy) - xhat * mean(dy * xhat)), where dy is the output
+     gradient at each window's chosen element where out > 0 and zero elsewhere.
+   Both functions return 0, or -1 when a scratch allocation failed (nothing is then valid). */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* x beats y: larger, or NaN against a number (NaN propagates as in max_pool2d); ties keep y */
+static inline int gt(float x, float y) { return (x > y) | ((x != x) & (y == y)); }
+/* c ? a : b without a branch (c is 0 or 1) */
+static inline float pick(int c, float a, float b) {
+    uint32_t ua, ub, r, mask = (uint32_t)0 - (uint32_t)c;
+    memcpy(&ua, &a, 4);
+    memcpy(&ub, &b, 4);
+    r = (ua & mask) | (ub & ~mask);
+    float f;
+    memcpy(&f, &r, 4);
+    return f;
+}
+
+/* Per channel: sum of (v - shift) and of its square over all planes, each plane summed in float
+   and the planes in double (the shift, one value of the channel, keeps the squares from
+   cancelling). Returns 0 on success, -1 when out of memory. */
+static int channel_sums(const float *v, int64_t n, int64_t c, int64_t plane, const float *shift, const float *weight,
+                        const float *mask, double *s1, double *s2, int threads) {
+    int failed = 0;
+    memset(s1, 0, sizeof(double) * c);
+    memset(s2, 0, sizeof(double) * c);
+#pragma omp parallel num_threads(threads)
+    {
+        double *a1 = calloc(2 * c, sizeof(double));
+        if (!a1) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t pi = 0; pi < n * c; pi++) {
+            if (!a1) continue;
+            const int64_t ch = pi % c;
+            const float *p = v + pi * plane;
+            float acc1 = 0.f, acc2 = 0.f;
+            if (weight) { /* backward: s1 = sum of g, s2 = sum of g * weight, g = v where mask > 0 */
+                const float *wt = weight + pi * plane, *mk = mask + pi * plane;
+#pragma omp simd reduction(+ : acc1, acc2)
+                for (int64_t k = 0; k < plane; k++) { float g = mk[k] > 0.f ? p[k] : 0.f; acc1 += g; acc2 += g * wt[k]; }
+            } else {
+                const float sh = shift[ch];
+#pragma omp simd reduction(+ : acc1, acc2)
+                for (int64_t k = 0; k < plane; k++) { float d = p[k] - sh; acc1 += d; acc2 += d * d; }
+            }
+            a1[ch] += acc1;
+            a1[c + ch] += acc2;
+        }
+        if (a1) {
+#pragma omp critical
+            for (int64_t ch = 0; ch < c; ch++) { s1[ch] += a1[ch]; s2[ch] += a1[c + ch]; }
+            free(a1);
+        }
+    }
+    return failed ? -1 : 0;
+}
+
+int bnrp_forward(const float *z, const float *gamma, const float *beta, float eps, int64_t n, int64_t c, int64_t h, int64_t w,
+                 float *out, float *pooled, uint8_t *idx, float *mean_out, float *var_out, float *invstd_out,
+                 int threads) {
+    const int64_t hw = h * w, h2 = h / 2, w2 = w / 2, q = h2 * w2;
+    const double count = (double)(n * hw);
+    double *s = malloc(2 * c * sizeof(double));
+    float *shift = malloc(c * sizeof(float));
+    if (!s || !shift) { free(s); free(shift); return -1; }
+    for (int64_t ch = 0; ch < c; ch++) shift[ch] = z[ch * hw];
+    if (channel_sums(z, n, c, hw, shift, NULL, NULL, s, s + c, threads)) { free(s); free(shift); return -1; }
+    for (int64_t ch = 0; ch < c; ch++) {
+        const double d = s[ch] / count;
+        double var = s[c + ch] / count - d * d;
+        if (var < 0) var = 0;
+        mean_out[ch] = (float)(shift[ch] + d);
+        var_out[ch] = (float)var;
+        invstd_out[ch] = (float)(1.0 / sqrt(var + eps));
+    }
+    free(s); free(shift);
+    const int even = w % 2 == 0; /* then a plane's horizontal pairs are consecutive */
+#pragma omp parallel num_threads(threads)
+    {
+        float *hm = even ? malloc(sizeof(float) * hw / 2) : NULL;
+        uint8_t *hr = even ? malloc(hw / 2) : NULL;
+#pragma omp for schedule(static)
+        for (int64_t pi = 0; pi < n * c; pi++) {
+            const int64_t ch = pi % c;
+            const float m = mean_out[ch], a = gamma[ch] * invstd_out[ch], b = beta[ch];
+            const float sign = a < 0.f ? -1.f : 1.f; /* the affine map decreases: pool the minimum */
+            const float *restrict p = z + pi * hw;
+            float *restrict o = out + pi * q, *restrict pl = pooled + pi * q;
+            uint8_t *restrict ix = idx + pi * q;
+            if (hm && hr) {
+                /* the maximum of each horizontal pair, then of each window's two pairs */
+#pragma omp simd
+                for (int64_t k = 0; k < hw / 2; k++) {
+                    const float l = sign * p[2 * k], r = sign * p[2 * k + 1];
+                    const int rw = gt(r, l);
+                    hm[k] = pick(rw, r, l);
+                    hr[k] = (uint8_t)rw;
+                }
+                for (int64_t y = 0; y < h2; y++) {
+                    const float *restrict t0 = hm + 2 * y * w2, *restrict t1 = t0 + w2;
+                    const uint8_t *restrict f0 = hr + 2 * y * w2, *restrict f1 = f0 + w2;
+#pragma omp simd
+                    for (int64_t x = 0; x < w2; x++) {
+                        const int v = gt(t1[x], t0[x]);
+                        const float centred = sign * pick(v, t1[x], t0[x]) - m;
+                        const float y_ = a * centred + b;
+                        pl[y * w2 + x] = centred;
+                        o[y * w2 + x] = pick(y_ < 0.f, 0.f, y_);
+                        ix[y * w2 + x] = (uint8_t)(2 * v + f0[x] + v * (f1[x] - f0[x]));
+                    }
+                }
+                continue;
+            }
+            for (int64_t y = 0; y < h2; y++) {
+                const float *restrict r0 = p + 2 * y * w, *restrict r1 = r0 + w;
+                for (int64_t x = 0; x < w2; x++) {
+                    const float a0 = sign * r0[2 * x], a1 = sign * r0[2 * x + 1];
+                    const float b0 = sign * r1[2 * x], b1 = sign * r1[2 * x + 1];
+                    const int t = gt(a1, a0), u = gt(b1, b0);
+                    const float top = pick(t, a1, a0), bot = pick(u, b1, b0);
+                    const int v = gt(bot, top);
+                    const float centred = sign * pick(v, bot, top) - m;
+                    const float y_ = a * centred + b;
+                    pl[y * w2 + x] = centred;
+                    o[y * w2 + x] = pick(y_ < 0.f, 0.f, y_);
+                    ix[y * w2 + x] = (uint8_t)(t + v * (2 + u - t));
+                }
+            }
+        }
+        free(hm);
+        free(hr);
+    }
+    return 0;
+}
+
+int bnrp_backward(const float *grad_out, const float *z, const float *out, const float *pooled, const uint8_t *idx,
+                  const float *mean, const float *invstd, const float *gamma, int64_t n, int64_t c, int64_t h, int64_t w,
+                  float *grad_z, float *grad_gamma, float *grad_beta, int threads) {
+    const int64_t hw = h * w, h2 = h / 2, w2 = w / 2, q = h2 * w2;
+    const double count = (double)(n * hw);
+    double *s = malloc(2 * c * sizeof(double));
+    float *cst = malloc(2 * c * sizeof(float));
+    if (!s || !cst) { free(s); free(cst); return -1; }
+    if (channel_sums(grad_out, n, c, q, NULL, pooled, out, s, s + c, threads)) { free(s); free(cst); return -1; }
+    for (int64_t ch = 0; ch < c; ch++) {
+        const double is = invstd[ch], a = gamma[ch] * is, gg = s[c + ch] * is;
+        grad_beta[ch] = (float)s[ch];
+        grad_gamma[ch] = (float)gg;
+        cst[ch] = (float)(-a * s[ch] / count);
+        cst[c + ch] = (float)(-a * is * gg / count);
+    }
+    free(s);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t pi = 0; pi < n * c; pi++) {
+        const int64_t ch = pi % c;
+        const float k0 = cst[ch], k1 = cst[c + ch], m = mean[ch], a = gamma[ch] * invstd[ch];
+        const float *p = z + pi * hw;
+        float *gz = grad_z + pi * hw;
+        /* a last odd row or column is outside every window: only the batch-norm terms */
+        if (h % 2)
+            for (int64_t x = 0; x < w; x++) gz[(h - 1) * w + x] = k0 + k1 * (p[(h - 1) * w + x] - m);
+        if (w % 2)
+            for (int64_t y = 0; y < h - h % 2; y++) gz[y * w + w - 1] = k0 + k1 * (p[y * w + w - 1] - m);
+        const float *go = grad_out + pi * q, *o = out + pi * q;
+        const uint8_t *ix = idx + pi * q;
+        for (int64_t y = 0; y < h2; y++) {
+            float *restrict g0 = gz + 2 * y * w, *restrict g1 = g0 + w;
+            const float *restrict p0 = p + 2 * y * w, *restrict p1 = p0 + w;
+            const float *restrict goy = go + y * w2, *restrict oy = o + y * w2;
+            const uint8_t *restrict iy = ix + y * w2;
+#pragma omp simd
+            for (int64_t x = 0; x < w2; x++) {
+                /* the window's four gradients in one pass: the batch-norm terms everywhere, plus
+                   the pooled gradient at the window's maximum (where the ReLU let it through) */
+                const float val = pick(oy[x] > 0.f, a * goy[x], 0.f);
+                const int k = iy[x];
+                g0[2 * x] = k0 + k1 * (p0[2 * x] - m) + pick(k == 0, val, 0.f);
+                g0[2 * x + 1] = k0 + k1 * (p0[2 * x + 1] - m) + pick(k == 1, val, 0.f);
+                g1[2 * x] = k0 + k1 * (p1[2 * x] - m) + pick(k == 2, val, 0.f);
+                g1[2 * x + 1] = k0 + k1 * (p1[2 * x + 1] - m) + pick(k == 3, val, 0.f);
+            }
+        }
+    }
+    free(cst);
+    return 0;
+}

@@ -1,0 +1,210 @@
+"""Native CPU kernels for Conv-4's fused BatchNorm -> ReLU -> max-pool block, built on first use.
+
+:mod:`fastadapt.models.fused` computes the block from PyTorch operations: each one reads and writes
+the full-resolution activations again, and on a CPU that memory traffic, not arithmetic, is what
+the block costs. ``_native/bn_relu_pool.c`` does the same arithmetic in two passes over the
+activations forward and one backward. It has no dependency beyond a C compiler: on first use it is
+compiled with the system's compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``; OpenMP where the
+compiler has it) into ``<cache>/native/`` (see :func:`fastadapt.io.cache_dir`), keyed by
+the source, the compiler and the processor (it is built for the processor it runs on), and loaded
+with :mod:`ctypes`; later processes load the built library.
+
+Without a compiler, or when building fails, a warning says so once and the block runs on PyTorch
+operations, with the same results up to float rounding (``tests/test_native.py`` checks both against
+PyTorch's layers in float64). ``FASTADAPT_NATIVE=0`` turns the native kernels off; so does
+setting :data:`ENABLED` to False (to compare the two, as ``benchmarks/maml_speed.py`` does).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..io import cache_dir
+
+#: Set to False to run the fused block on PyTorch operations even where the native kernels load.
+ENABLED = True
+
+SOURCE = Path(__file__).resolve().parent / "_native" / "bn_relu_pool.c"
+ENV = "FASTADAPT_NATIVE"
+# Tried in order: the fastest build first, then ones that more compilers accept (no OpenMP: the
+# kernels then run on one thread).
+FLAG_SETS = (
+    ["-O3", "-march=native", "-mprefer-vector-width=256", "-fopenmp"],
+    ["-O3", "-fopenmp"],
+    ["-O3"],
+)
+BUILD_TIMEOUT_S = 120
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_tried = False
+
+
+class NativeBuildWarning(UserWarning):
+    """The native kernels could not be built or loaded; PyTorch operations are used instead."""
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, building them on first use; None when turned off or not buildable."""
+    global _library, _tried
+    if os.environ.get(ENV, "1") == "0":
+        return None
+    if _tried:
+        return _library
+    with _lock:
+        if not _tried:
+            try:
+                _library = _load()
+            except Exception as e:  # noqa: BLE001 -- any failure means: use PyTorch operations
+                warnings.warn(f"fastadapt: the native CPU kernels are not available ({e}); Conv-4's fused "
+                              "blocks run on PyTorch operations instead (same results, slower)",
+                              NativeBuildWarning, stacklevel=3)
+                _library = None
+            _tried = True
+    return _library
+
+
+def reset() -> None:
+    """Forget the loaded library, so the next :func:`library` call builds or loads it again."""
+    global _library, _tried
+    with _lock:
+        _library, _tried = None, False
+
+
+def compiler() -> str | None:
+    """The C compiler used: ``$CC`` if set, else the first of ``cc``, ``gcc``, ``clang`` found."""
+    if os.environ.get("CC"):
+        return shutil.which(os.environ["CC"]) or os.environ["CC"]
+    for name in ("cc", "gcc", "clang"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _processor() -> str:
+    """What ``-march=native`` depends on: the CPU model and its feature flags (Linux), else the
+    platform's description."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.platform() + platform.processor()
+
+
+def _load() -> ctypes.CDLL:
+    cc = compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set $CC)")
+    source = SOURCE.read_bytes()
+    try:
+        folder = cache_dir() / "native"
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        folder = Path(tempfile.gettempdir()) / f"fastadapt-native-{os.getuid() if hasattr(os, 'getuid') else 0}"
+        folder.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), _processor().encode(),
+                                         platform.machine().encode()])).hexdigest()[:20]
+        target = folder / f"bn_relu_pool-{key}.so"
+        for attempt in range(2):  # a library that no longer loads is built again, once
+            if not target.exists():
+                error = _build(cc, flags, target)
+                if error:
+                    errors.append(f"{' '.join(flags)}: {error}")
+                    break
+            try:
+                return _declare(ctypes.CDLL(str(target)))
+            except OSError as e:
+                if attempt:
+                    errors.append(f"{' '.join(flags)}: {e}")
+                target.unlink(missing_ok=True)
+    raise RuntimeError(f"{cc} could not build {SOURCE.name}: " + "; ".join(errors)[-600:])
+
+
+def _build(cc: str, flags: list[str], target: Path) -> str | None:
+    """Compile into a temporary file beside ``target`` and rename it (atomic: processes building
+    at once each finish with a complete library). Returns the error, or None."""
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"],
+                              capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        if proc.returncode != 0:
+            message = (proc.stderr or proc.stdout or "").strip().splitlines()
+            return " / ".join(message[:2]) if message else f"exit code {proc.returncode}"
+        os.replace(tmp, target)
+        return None
+    except (OSError, subprocess.SubprocessError) as e:
+        return str(e)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.bnrp_forward.restype = ctypes.c_int
+    lib.bnrp_forward.argtypes = [p, p, p, ctypes.c_float, i64, i64, i64, i64, p, p, p, p, p, p, ctypes.c_int]
+    lib.bnrp_backward.restype = ctypes.c_int
+    lib.bnrp_backward.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, p, p, p, ctypes.c_int]
+    return lib
+
+
+def usable(z: Tensor) -> bool:
+    """Whether the native block runs on ``z`` (the caller has checked :func:`fused.can_fuse`): a
+    float32 NCHW-contiguous CPU tensor, with the kernels enabled and loaded."""
+    return (ENABLED and z.dtype == torch.float32 and z.device.type == "cpu" and z.dim() == 4
+            and z.is_contiguous() and library() is not None)
+
+
+def _ptr(t: Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _check(code: int) -> None:
+    if code != 0:
+        raise MemoryError("fastadapt's native fused block could not allocate its scratch memory")
+
+
+def forward(z: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, ...]:
+    """``out, pooled, idx, mean, var, invstd`` of the fused block on ``z`` (see the C source):
+    ``pooled`` is each window's chosen value minus the mean, ``idx`` its position (0-3, row-major)."""
+    n, c, h, w = z.shape
+    gamma = gamma.detach().float().contiguous()
+    beta = beta.detach().float().contiguous()
+    out = z.new_empty(n, c, h // 2, w // 2)
+    pooled = torch.empty_like(out)
+    idx = torch.empty(out.shape, dtype=torch.uint8)
+    mean, var, invstd = (z.new_empty(c) for _ in range(3))
+    _check(library().bnrp_forward(_ptr(z), _ptr(gamma), _ptr(beta), eps, n, c, h, w, _ptr(out), _ptr(pooled),
+                                  _ptr(idx), _ptr(mean), _ptr(var), _ptr(invstd), torch.get_num_threads()))
+    return out, pooled, idx, mean, var, invstd
+
+
+def backward(grad_out: Tensor, z: Tensor, out: Tensor, pooled: Tensor, idx: Tensor, mean: Tensor,
+             invstd: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of ``z``, ``gamma`` and ``beta`` given the output's gradient ``grad_out``."""
+    n, c, h, w = z.shape
+    grad_out = grad_out.float().contiguous()
+    gamma = gamma.detach().float().contiguous()
+    grad_z = torch.empty_like(z)
+    grad_gamma, grad_beta = z.new_empty(c), z.new_empty(c)
+    _check(library().bnrp_backward(_ptr(grad_out), _ptr(z), _ptr(out), _ptr(pooled), _ptr(idx), _ptr(mean),
+                                   _ptr(invstd), _ptr(gamma), n, c, h, w, _ptr(grad_z), _ptr(grad_gamma),
+                                   _ptr(grad_beta), torch.get_num_threads()))
+    return grad_z, grad_gamma, grad_beta

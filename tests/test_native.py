@@ -1,0 +1,148 @@
+"""The native CPU kernels of Conv-4's fused block against PyTorch's layers, and their fallback."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastadapt.methods import MAML
+from fastadapt.models import fused, native
+from fastadapt.tasks import Episode
+
+needs_kernels = pytest.mark.skipif(native.compiler() is None, reason="no C compiler to build the native kernels")
+
+
+@pytest.fixture
+def rebuilt():
+    """Load the kernels afresh after the test (it may change how they are found)."""
+    yield
+    native.reset()
+
+
+def _block(z, gamma, beta, grad_out):
+    """The fused block and its gradients, and which implementation ran."""
+    z, gamma, beta = (t.clone().requires_grad_() for t in (z, gamma, beta))
+    out, mean, var = fused.affine_relu_pool(z, gamma, beta, 1e-5)
+    out.backward(grad_out)
+    return (out.detach(), mean, var, z.grad, gamma.grad, beta.grad), type(out.grad_fn).__name__
+
+
+def _reference(z, gamma, beta, grad_out):
+    """PyTorch's three layers in float64."""
+    z, gamma, beta = (t.double().requires_grad_() for t in (z, gamma, beta))
+    out = F.max_pool2d(F.relu(F.batch_norm(z, None, None, gamma, beta, training=True, eps=1e-5)), 2)
+    out.backward(grad_out.double())
+    mean, var = z.detach().mean((0, 2, 3)), z.detach().var((0, 2, 3), unbiased=False)
+    return out.detach(), mean, var, z.grad, gamma.grad, beta.grad
+
+
+def _inputs(shape, seed=0, grid=True):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(shape, generator=g) * 2
+    if grid:  # values on a grid of halves: many exact ties inside windows (a flat image background)
+        z = torch.round(z * 2) / 2
+    gamma = torch.rand(shape[1], generator=g) * 2 - 0.6  # some channels negative
+    beta = torch.randn(shape[1], generator=g)
+    out_shape = (shape[0], shape[1], shape[2] // 2, shape[3] // 2)
+    return z, gamma, beta, torch.randn(out_shape, generator=g)
+
+
+def test_native_kernels_build_where_there_is_a_compiler():
+    if native.compiler() is None:
+        pytest.skip("no C compiler")
+    assert native.library() is not None  # a broken build must fail here, not fall back unnoticed
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(6, 5, 8, 8), (4, 6, 7, 9), (2, 3, 2, 3), (3, 4, 5, 2), (5, 64, 28, 28)])
+@pytest.mark.parametrize("grid", [True, False])
+def test_native_block_equals_the_three_layers_with_their_gradients(shape, grid):
+    z, gamma, beta, grad_out = _inputs(shape, grid=grid)
+    got, ran = _block(z, gamma, beta, grad_out)
+    assert ran == "_NativeBNReLUPoolBackward"
+    names = ("out", "mean", "var", "grad_z", "grad_gamma", "grad_beta")
+    for name, a, b in zip(names, got, _reference(z, gamma, beta, grad_out)):
+        assert a.dtype == torch.float32 and a.shape == b.shape, name
+        scale = float(b.abs().max()) + 1e-3
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=2e-5 * scale, msg=name)
+
+
+@needs_kernels
+def test_native_and_pytorch_operations_agree_in_float32():
+    z, gamma, beta, grad_out = _inputs((8, 16, 14, 14), grid=False)
+    ours, ran = _block(z, gamma, beta, grad_out)
+    native.ENABLED = False
+    try:
+        theirs, ran_off = _block(z, gamma, beta, grad_out)
+    finally:
+        native.ENABLED = True
+    assert (ran, ran_off) == ("_NativeBNReLUPoolBackward", "_BNReLUPoolBackward")
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernels
+def test_a_nan_propagates_as_through_the_layers():
+    z, gamma, beta, grad_out = _inputs((3, 4, 6, 6))
+    z[1, 2, 3, 3] = float("nan")
+    (out, mean, *_), _ = _block(z, gamma, beta, grad_out)
+    ref = _reference(z, gamma, beta, grad_out)[0]
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.isnan(out[:, 2]).all()
+    assert torch.isnan(mean[2]) and not torch.isnan(mean[[0, 1, 3]]).any()
+
+
+@needs_kernels
+def test_other_dtypes_and_layouts_use_the_pytorch_operations():
+    z, gamma, beta, grad_out = _inputs((2, 3, 4, 4))
+    assert _block(z.double(), gamma.double(), beta.double(), grad_out.double())[1] == "_BNReLUPoolBackward"
+    cl = z.contiguous(memory_format=torch.channels_last)
+    assert not native.usable(cl) and native.usable(z)
+
+
+def test_turned_off_by_the_environment(monkeypatch, rebuilt):
+    monkeypatch.setenv(native.ENV, "0")
+    native.reset()
+    assert native.library() is None and not native.usable(torch.zeros(1, 1, 2, 2))
+    z, gamma, beta, grad_out = _inputs((2, 3, 4, 4))
+    assert _block(z, gamma, beta, grad_out)[1] == "_BNReLUPoolBackward"
+
+
+def test_without_a_compiler_it_warns_once_and_falls_back(monkeypatch, tmp_path, rebuilt):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("FASTADAPT_CACHE", str(tmp_path / "cache"))
+    native.reset()
+    with pytest.warns(native.NativeBuildWarning, match="not available"):
+        assert native.library() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.library() is None  # said once
+    z, gamma, beta, grad_out = _inputs((2, 3, 4, 4))
+    got, ran = _block(z, gamma, beta, grad_out)
+    assert ran == "_BNReLUPoolBackward"
+    torch.testing.assert_close(got[0].double(), _reference(z, gamma, beta, grad_out)[0], rtol=0, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("batching", ["loop", "grouped"])
+def test_maml_meta_gradient_with_the_native_block_matches_the_pytorch_operations(batching, monkeypatch):
+    calls = []
+    forward = native.forward
+    monkeypatch.setattr(native, "forward", lambda *a: calls.append(a[0].shape) or forward(*a))
+    torch.manual_seed(0)
+    learner = MAML.from_config({"ways": 3, "inner_steps": 1, "inner_lr": 0.3, "batching": batching}, (1, 16, 16))
+    g = torch.Generator().manual_seed(0)
+    batch = Episode(torch.rand(4, 3, 1, 16, 16, generator=g), torch.arange(3).repeat(4, 1),
+                    torch.rand(4, 9, 1, 16, 16, generator=g), torch.arange(3).repeat_interleave(3).repeat(4, 1))
+    grads = []
+    for enabled in (True, False):
+        native.ENABLED = enabled
+        try:
+            learner._backward(batch, batching, 0)
+        finally:
+            native.ENABLED = True
+        grads.append(torch.cat([p.grad.flatten() for p in learner.model.parameters()]))
+    assert len(calls) == 4 * (4 if batching == "loop" else 1)  # Conv-4's blocks in the query passes
+    assert float((grads[0] - grads[1]).norm() / grads[1].norm()) < 1e-5
