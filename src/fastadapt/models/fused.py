@@ -18,7 +18,7 @@ computes the same function with fewer full-resolution passes:
 
 For float32 NCHW tensors the same arithmetic runs in native kernels where they can be built
 (:mod:`fastadapt.models.native`): two passes over ``z`` forward (statistics; normalise, rectify and
-pool) and one backward (the input gradient written once), against about eight full-resolution
+pool) and one backward (the input gradient written once), against several full-resolution
 passes of the PyTorch operations each way. Otherwise (float64, channels-last, no C compiler) the
 PyTorch operations below run.
 
