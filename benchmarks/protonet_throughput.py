@@ -5,9 +5,12 @@ Both train the same Conv-4 Prototypical Network (same initial weights, same math
 tensors, support and query concatenated into one forward pass, distances by broadcasting
 ``(x[:, None] - p[None]) ** 2``, and it is handed pre-sampled episodes (it does no sampling work).
 fastadapt's path is the real one: sampling from the uint8 pool, ``ProtoNet.train_step`` (Conv-4's
-fused BatchNorm/ReLU/max-pool blocks), in its CPU default layout for ProtoNet (channels-last) and
-in NCHW (``--memory-format nchw``). Steps alternate between the three so that machine noise hits
-all alike; medians are reported.
+fused BatchNorm/ReLU/max-pool blocks), in three settings: NCHW with the blocks' native kernels
+(the CPU default for ProtoNet where the kernels build; ``fastadapt.models.native``), NCHW with the
+blocks in PyTorch operations (``fastadapt.models.native.ENABLED = False``), and channels-last
+(``--memory-format channels_last``; the blocks in PyTorch operations, the default before the
+native kernels). Steps alternate between the four so that machine noise hits all alike; medians
+are reported.
 
 Run twice, in child processes, under glibc's default allocator and with
 ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` raised to 4 GiB (peers compared under the
@@ -34,8 +37,8 @@ from _common import task_data_config
 from fastadapt.data import build_task_source
 from fastadapt.measure.stats import median
 from fastadapt.methods.protonet import ProtoNet
-from fastadapt.models import Conv4
-from fastadapt.models.conv4 import apply_memory_format
+from fastadapt.models import Conv4, native
+from fastadapt.models.conv4 import apply_memory_format, use_memory_format
 
 WAYS, SHOTS, QUERIES = 60, 5, 5
 TUNED = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
@@ -65,10 +68,12 @@ def child(args: argparse.Namespace) -> dict:
     ours = ProtoNet(Conv4())
     plain = plain_conv4()
     plain.load_state_dict({k.replace("encoder.", ""): v for k, v in ours.backbone.state_dict().items()})
-    ours_cl = copy.deepcopy(ours)
-    assert apply_memory_format(ours_cl, "auto", "cpu") == "channels_last"  # ProtoNet's CPU default
-    opt_ours = torch.optim.Adam(ours.parameters(), 1e-3)
-    opt_cl = torch.optim.Adam(ours_cl.parameters(), 1e-3)
+    default = apply_memory_format(ours, "auto", "cpu")  # what `fastadapt train protonet` decides here
+    learners = {}
+    for name, layout in (("nchw", "nchw"), ("nchw_torch_ops", "nchw"), ("channels_last", "channels_last")):
+        learners[name] = copy.deepcopy(ours)
+        use_memory_format(learners[name], layout)
+    opts = {k: torch.optim.Adam(m.parameters(), 1e-3) for k, m in learners.items()}
     opt_plain = torch.optim.Adam(plain.parameters(), 1e-3)
 
     # Same math: identical weights give the same loss on the same episode.
@@ -79,29 +84,32 @@ def child(args: argparse.Namespace) -> dict:
         l_plain = float(plain_loss(plain, ep.support_x, ep.query_x))
     pre = [source.sample(gen) for _ in range(8)]
 
-    t_ours, t_cl, t_plain = [], [], []
+    times = {k: [] for k in (*learners, "plain")}
     for step in range(args.steps + 2):
-        t = time.perf_counter()
-        ours.train_step(source.sample_batch(gen, 1), opt_ours)
-        a = time.perf_counter() - t
-        t = time.perf_counter()
-        ours_cl.train_step(source.sample_batch(gen, 1), opt_cl)
-        c = time.perf_counter() - t
+        for name, learner in learners.items():
+            native.ENABLED = name != "nchw_torch_ops"
+            try:
+                t = time.perf_counter()
+                learner.train_step(source.sample_batch(gen, 1), opts[name])
+                took = time.perf_counter() - t
+            finally:
+                native.ENABLED = True
+            if step >= 2:  # warm-up
+                times[name].append(took)
         e = pre[step % len(pre)]
         t = time.perf_counter()
         opt_plain.zero_grad()
         plain_loss(plain, e.support_x, e.query_x).backward()
         opt_plain.step()
-        b = time.perf_counter() - t
-        if step >= 2:  # warm-up
-            t_ours.append(a)
-            t_cl.append(c)
-            t_plain.append(b)
-    return {"loss_fastadapt": l_ours, "loss_plain": l_plain, "dataset": cfg["dataset"],
-            "ms_per_episode_fastadapt_nchw": 1e3 * median(t_ours), "ms_per_episode_plain": 1e3 * median(t_plain),
-            "speedup_nchw": median(t_plain) / median(t_ours),
-            "ms_per_episode_fastadapt_channels_last": 1e3 * median(t_cl),
-            "speedup_channels_last": median(t_plain) / median(t_cl), "threads": torch.get_num_threads()}
+        if step >= 2:
+            times["plain"].append(time.perf_counter() - t)
+    res = {"loss_fastadapt": l_ours, "loss_plain": l_plain, "dataset": cfg["dataset"], "default_layout": default,
+           "native_kernels": native.library() is not None, "threads": torch.get_num_threads(),
+           "ms_per_episode_plain": 1e3 * median(times["plain"])}
+    for name in learners:
+        res[f"ms_per_episode_fastadapt_{name}"] = 1e3 * median(times[name])
+        res[f"speedup_{name}"] = median(times["plain"]) / median(times[name])
+    return res
 
 
 def main() -> None:
@@ -123,10 +131,12 @@ def main() -> None:
                               "--data-dir", args.data_dir], env=env, capture_output=True, text=True, check=True)
         out[name] = json.loads(res.stdout.strip().splitlines()[-1])
         r = out[name]
-        print(f"{name}: fastadapt {r['ms_per_episode_fastadapt_channels_last']:.0f} ms/episode (channels-last, the "
-              f"default; NCHW {r['ms_per_episode_fastadapt_nchw']:.0f}), plain {r['ms_per_episode_plain']:.0f} "
-              f"ms/episode -> {r['speedup_channels_last']:.2f}x ({r['speedup_nchw']:.2f}x) (losses "
-              f"{r['loss_fastadapt']:.4f} vs {r['loss_plain']:.4f})")
+        print(f"{name}: plain {r['ms_per_episode_plain']:.0f} ms/episode; fastadapt NCHW with native kernels "
+              f"{r['ms_per_episode_fastadapt_nchw']:.0f} ({r['speedup_nchw']:.2f}x), NCHW with the blocks in PyTorch "
+              f"operations {r['ms_per_episode_fastadapt_nchw_torch_ops']:.0f} ({r['speedup_nchw_torch_ops']:.2f}x), "
+              f"channels-last {r['ms_per_episode_fastadapt_channels_last']:.0f} ({r['speedup_channels_last']:.2f}x); "
+              f"default layout {r['default_layout']} (native kernels: {r['native_kernels']}); losses "
+              f"{r['loss_fastadapt']:.4f} vs {r['loss_plain']:.4f}")
     save("protonet_throughput", {"episode": f"{WAYS}-way {SHOTS}-shot {QUERIES}-query", "steps": args.steps,
                                  "statistic": "median seconds per training episode, alternating steps",
                                  "results": out})

@@ -222,7 +222,7 @@ def protonet_implementations(episodes: list[Episode], easy, l2l) -> tuple[dict[s
     on ``episodes[0]`` from the shared initial weights."""
     torch.manual_seed(0)
     ours = ProtoNet(Conv4())
-    apply_memory_format(ours, "auto", "cpu")  # ProtoNet's CPU default (channels-last, fused blocks)
+    apply_memory_format(ours, "auto", "cpu")  # ProtoNet's CPU default (fused blocks; see decide_memory_format)
     efs = easy.PrototypicalNetworks(copy_weights(ours.backbone, peer_conv4(None)))
     l_backbone = copy_weights(ours.backbone, peer_conv4(None))
     batches = [Episode.stack([e]) for e in episodes]
