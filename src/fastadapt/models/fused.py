@@ -23,10 +23,10 @@ passes of the PyTorch operations each way. Otherwise (float64, channels-last, no
 PyTorch operations below run.
 
 The result equals ``max_pool2d(relu(batch_norm(z, training=True)), 2)`` and its gradients up to
-float rounding (``tests/test_fused.py`` and ``tests/test_native.py`` check both against float64). The backward pass is
-written by hand and is not itself differentiable, so the operation is only used inside
-:func:`fused_blocks`, which callers enter where nothing differentiates the gradient again
-(MAML's query pass, ProtoNet's episode loss); elsewhere Conv-4 runs its layers one by one.
+float rounding (``tests/test_fused.py`` and ``tests/test_native.py`` check both against float64).
+The backward pass is written by hand and is not itself differentiable, so the operation is only
+used inside :func:`fused_blocks`, which callers enter where nothing differentiates the gradient
+again (MAML's query pass, ProtoNet's episode loss); elsewhere Conv-4 runs its layers one by one.
 """
 
 from __future__ import annotations
