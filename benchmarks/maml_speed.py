@@ -21,9 +21,10 @@ Compared in the same process, on the same meta-batch, at the same gradients:
 Each worker also counts the meta-iteration's FLOPs (``FlopCounterMode`` on the plain loop), measures
 the process's fp32 matrix-multiply ceiling, reports the GFLOP/s each implementation reaches against
 it and the FLOP bound (FLOPs / ceiling: the step's convolutions and products alone, at the
-ceiling, with nothing else costing time), and profiles one ``ours-loop`` iteration for the share of its time spent in convolutions (the
-profiler's attribution: a looser bound on what any change outside the convolution kernels can
-gain than the measured ``ours-loop-bound``, which also keeps the head, inner update and autograd).
+ceiling, with nothing else costing time), and profiles one ``ours-loop`` iteration for the share
+of its time spent in convolutions (the profiler's attribution: a looser bound on what any change
+outside the convolution kernels can gain than the measured ``ours-loop-bound``, which also keeps
+the head, inner update and autograd).
 
 Peak memory: each implementation runs one meta-iteration in a fresh process of its own (two
 threads, glibc's default allocator), and ``peak_extra_mb`` is that process's peak resident memory
@@ -126,7 +127,8 @@ def implementations(tasks: int, queries: int) -> tuple[dict, Any]:
                 learner._backward(batch, mode, 0)
         return f
 
-    impls = {"plain": run_plain, "ours-loop": run_ours("loop"), "ours-loop-torch-fused": run_ours("loop", kernels=False),
+    impls = {"plain": run_plain, "ours-loop": run_ours("loop"),
+             "ours-loop-torch-fused": run_ours("loop", kernels=False),
              "ours-loop-unfused": run_ours("loop", False), "ours-grouped": run_ours("grouped"),
              "ours-grouped-torch-fused": run_ours("grouped", kernels=False), "ours-vmap": run_ours("vmap")}
     bounds = {"ours-loop-bound": run_bound("loop"), "ours-grouped-bound": run_bound("grouped")}
@@ -256,7 +258,8 @@ def main() -> None:
             t0 = time.time()
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
             res = json.loads(out.strip().splitlines()[-1])
-            res.update(allocator=alloc, threads=threads, queries=args.queries, tasks=args.tasks, wall_seconds=round(time.time() - t0, 1))
+            res.update(allocator=alloc, threads=threads, queries=args.queries, tasks=args.tasks,
+                       wall_seconds=round(time.time() - t0, 1))
             s = res["seconds_per_meta_iteration"]
             print(f"threads={threads} allocator={alloc}: plain {s['plain']:.3f} s, ours-loop {s['ours-loop']:.3f} s "
                   f"(fused blocks in PyTorch operations {s['ours-loop-torch-fused']:.3f} s, unfused "

@@ -126,13 +126,13 @@ def affine_relu_pool(z: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tupl
     per-channel tensors ``gamma`` and ``beta`` (any sign), and the batch mean and biased variance
     of ``z`` per channel (no gradient). The caller checks :func:`can_fuse` first."""
     if native.usable(z):
-        return _NativeBNReLUPool.apply(z, gamma, beta, eps)
+        return _BNReLUPool.apply(z, gamma, beta, eps, _NativeKernels)
     negative = gamma < 0
     if not bool(negative.any()):
-        return _BNReLUPool.apply(z, gamma, beta, eps)
+        return _BNReLUPool.apply(z, gamma, beta, eps, _TorchKernels)
     # pool the negated channels: for them the affine map is decreasing
     sign = 1.0 - 2.0 * negative.to(z.dtype)
-    out, mean, var = _BNReLUPool.apply(z * sign.view(1, -1, 1, 1), gamma * sign, beta, eps)
+    out, mean, var = _BNReLUPool.apply(z * sign.view(1, -1, 1, 1), gamma * sign, beta, eps, _TorchKernels)
     return out, mean * sign, var
 
 
@@ -141,11 +141,31 @@ def _mask(condition: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 class _BNReLUPool(torch.autograd.Function):
-    """The fused block for ``gamma >= 0``; returns the output and the batch mean and
-    (biased) variance, which carry no gradient."""
+    """The fused block: the output and the batch mean and (biased) variance, which carry no
+    gradient, computed by ``kernels`` (:class:`_TorchKernels` or :class:`_NativeKernels`), which
+    also say what the backward pass keeps."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(ctx, z: Tensor, gamma: Tensor, beta: Tensor, eps: float,
+                kernels: type) -> tuple[Tensor, Tensor, Tensor]:
+        out, mean, var, saved = kernels.forward(z, gamma, beta, eps)
+        ctx.kernels = kernels
+        ctx.save_for_backward(*saved)
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor, _gm: Tensor, _gv: Tensor) -> tuple[Tensor | None, ...]:
+        return (*ctx.kernels.backward(grad_out, *ctx.saved_tensors), None, None)
+
+
+class _TorchKernels:
+    """The block from PyTorch operations, for ``gamma >= 0`` (the caller negates the other
+    channels)."""
+
+    @staticmethod
+    def forward(z: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, tuple]:
         n, c, h, w = z.shape
         count = n * h * w
         view = (1, c, 1, 1)
@@ -169,14 +189,11 @@ class _BNReLUPool(torch.autograd.Function):
         top_wins = _mask(top >= bottom, z.dtype)
         del cols
         out = torch.addcmul(beta.view(view), pooled, scale.view(view)).clamp_min_(0)
-        ctx.save_for_backward(centred, pooled, out, left_wins, top_wins, invstd, scale)
-        ctx.mark_non_differentiable(mean, var)
-        return out, mean, var
+        return out, mean, var, (centred, pooled, out, left_wins, top_wins, invstd, scale)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor, _gm: Tensor, _gv: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
-        centred, pooled, out, left_wins, top_wins, invstd, scale = ctx.saved_tensors
+    def backward(grad_out: Tensor, centred: Tensor, pooled: Tensor, out: Tensor, left_wins: Tensor,
+                 top_wins: Tensor, invstd: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         n, c, h, w = centred.shape
         count = n * h * w
         view = (1, c, 1, 1)
@@ -196,24 +213,18 @@ class _BNReLUPool(torch.autograd.Function):
         gz = grad_z[..., : h // 2 * 2, : w // 2 * 2]
         gz[..., 0::2] += g_left
         gz[..., 1::2].add_(rows).sub_(g_left)
-        return grad_z, grad_gamma, grad_beta, None
+        return grad_z, grad_gamma, grad_beta
 
 
-class _NativeBNReLUPool(torch.autograd.Function):
-    """The fused block in :mod:`fastadapt.models.native`'s kernels (any sign of ``gamma``); saves
-    ``z`` itself, the pooled values and each window's chosen position (one byte) for the backward
-    pass."""
+class _NativeKernels:
+    """The block in :mod:`fastadapt.models.native`'s kernels (any sign of ``gamma``); keeps ``z``
+    itself, the pooled values and each window's chosen position (one byte) for the backward pass."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(z: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, tuple]:
         out, pooled, idx, mean, var, invstd = native.forward(z, gamma, beta, eps)
-        ctx.save_for_backward(z, out, pooled, idx, mean, invstd, gamma)
-        ctx.mark_non_differentiable(mean, var)
-        return out, mean, var
+        return out, mean, var, (z, out, pooled, idx, mean, invstd, gamma)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor, _gm: Tensor, _gv: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
-        z, out, pooled, idx, mean, invstd, gamma = ctx.saved_tensors
-        grad_z, grad_gamma, grad_beta = native.backward(grad_out, z, out, pooled, idx, mean, invstd, gamma)
-        return grad_z, grad_gamma, grad_beta, None
+    def backward(grad_out: Tensor, *saved: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return native.backward(grad_out, *saved)
