@@ -27,7 +27,8 @@ def _block(z, gamma, beta, grad_out):
     z, gamma, beta = (t.clone().requires_grad_() for t in (z, gamma, beta))
     out, mean, var = fused.affine_relu_pool(z, gamma, beta, 1e-5)
     out.backward(grad_out)
-    return (out.detach(), mean, var, z.grad, gamma.grad, beta.grad), out.grad_fn.kernels.__name__
+    kernels = getattr(out.grad_fn, "kernels", None)  # None: PyTorch's layers ran
+    return (out.detach(), mean, var, z.grad, gamma.grad, beta.grad), getattr(kernels, "__name__", None)
 
 
 def _reference(z, gamma, beta, grad_out):
@@ -68,6 +69,46 @@ def test_native_block_equals_the_three_layers_with_their_gradients(shape, grid):
         assert a.dtype == torch.float32 and a.shape == b.shape, name
         scale = float(b.abs().max()) + 1e-3
         torch.testing.assert_close(a.double(), b, rtol=0, atol=2e-5 * scale, msg=name)
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", ["outlier first", "large plane"])
+def test_statistics_stay_exact_for_large_planes_and_outliers(case):
+    if case == "outlier first":  # the first value of each channel far from its mean
+        z, gamma, beta, grad_out = _inputs((4, 3, 84, 84), grid=False)
+        z[0, :, 0, 0] = 60.0
+    else:  # one plane of a million values
+        z, gamma, beta, grad_out = _inputs((1, 2, 1024, 1024), grid=False)
+        z += 3.0
+    got, ran = _block(z, gamma, beta, grad_out)
+    assert ran == "_NativeKernels"
+    for name, a, b in zip(("out", "mean", "var", "grad_z", "grad_gamma", "grad_beta"), got,
+                          _reference(z, gamma, beta, grad_out)):
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=2e-5 * (float(b.abs().max()) + 1e-3), msg=name)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_zero_weight_sends_its_gradient_to_the_first_element_as_max_pool2d(enabled):
+    # With gamma = 0 every element of a window ties after the affine map; the weight's gradient
+    # depends on which one max_pool2d picks (the first), not on which is largest.
+    z, gamma, beta, grad_out = _inputs((3, 4, 6, 6), grid=False)
+    gamma[[0, 2]] = 0.0
+    beta[[0, 2]] = 1.0
+    native.ENABLED = enabled
+    try:
+        got, ran = _block(z, gamma, beta, grad_out)
+    finally:
+        native.ENABLED = True
+    assert ran is None
+    for a, b in zip(got, _reference(z, gamma, beta, grad_out)):
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=2e-5 * (float(b.abs().max()) + 1e-3))
+
+
+@needs_kernels
+def test_weights_of_the_wrong_size_are_refused():
+    z, gamma, beta, _ = _inputs((2, 8, 4, 4))
+    with pytest.raises(ValueError, match="one weight and one bias per channel"):
+        native.forward(z, gamma[:1], beta, 1e-5)
 
 
 @needs_kernels

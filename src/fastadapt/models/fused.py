@@ -36,6 +36,7 @@ import threading
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
@@ -125,6 +126,12 @@ def affine_relu_pool(z: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tupl
     """``max_pool2d(relu(batch_norm(z, None, None, gamma, beta, training=True, eps=eps)), 2)`` with
     per-channel tensors ``gamma`` and ``beta`` (any sign), and the batch mean and biased variance
     of ``z`` per channel (no gradient). The caller checks :func:`can_fuse` first."""
+    if bool((gamma == 0).any()):
+        # Every element of a window ties after the affine map: max_pool2d's rule (the first one)
+        # decides which one the weight's gradient sees, so the layers run as they are.
+        var, mean = torch.var_mean(z.detach(), (0, 2, 3), correction=0)
+        out = F.max_pool2d(F.relu(F.batch_norm(z, None, None, gamma, beta, True, 0.0, eps)), 2)
+        return out, mean, var
     if native.usable(z):
         return _BNReLUPool.apply(z, gamma, beta, eps, _NativeKernels)
     negative = gamma < 0

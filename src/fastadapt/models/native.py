@@ -23,6 +23,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -39,12 +40,14 @@ ENABLED = True
 SOURCE = Path(__file__).resolve().parent / "_native" / "bn_relu_pool.c"
 ENV = "FASTADAPT_NATIVE"
 # Tried in order: the fastest build first, then ones that more compilers accept (no OpenMP: the
-# kernels then run on one thread).
-FLAG_SETS = (
-    ["-O3", "-march=native", "-mprefer-vector-width=256", "-fopenmp"],
+# kernels then run on one thread). Not OpenMP on macOS, where a second OpenMP runtime beside
+# PyTorch's aborts the process.
+FLAG_SETS = tuple(flags for flags in (
+    ["-O3", "-march=native", "-mprefer-vector-width=256", "-fopenmp"],  # x86: 256-bit vectors were fastest
+    ["-O3", "-march=native", "-fopenmp"],
     ["-O3", "-fopenmp"],
     ["-O3"],
-)
+) if not (sys.platform == "darwin" and "-fopenmp" in flags))
 BUILD_TIMEOUT_S = 120
 
 _lock = threading.Lock()
@@ -63,16 +66,19 @@ def library() -> ctypes.CDLL | None:
         return None
     if _tried:
         return _library
+    failure = None
     with _lock:
-        if not _tried:
-            try:
-                _library = _load()
-            except Exception as e:  # noqa: BLE001 -- any failure means: use PyTorch operations
-                warnings.warn(f"fastadapt: the native CPU kernels are not available ({e}); Conv-4's fused "
-                              "blocks run on PyTorch operations instead (same results, slower)",
-                              NativeBuildWarning, stacklevel=3)
-                _library = None
-            _tried = True
+        if _tried:
+            return _library
+        try:
+            _library = _load()
+        except Exception as e:  # noqa: BLE001 -- any failure means: use PyTorch operations
+            _library, failure = None, e
+        _tried = True
+    if failure is not None:  # said once; even a warning turned into an error leaves the fallback in place
+        warnings.warn(f"fastadapt: the native CPU kernels are not available ({failure}); Conv-4's fused "
+                      "blocks run on PyTorch operations instead (same results, slower)",
+                      NativeBuildWarning, stacklevel=3)
     return _library
 
 
@@ -110,12 +116,8 @@ def _load() -> ctypes.CDLL:
     if cc is None:
         raise RuntimeError("no C compiler found (set $CC)")
     source = SOURCE.read_bytes()
-    try:
-        folder = cache_dir() / "native"
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        folder = Path(tempfile.gettempdir()) / f"fastadapt-native-{os.getuid() if hasattr(os, 'getuid') else 0}"
-        folder.mkdir(parents=True, exist_ok=True)
+    folder = cache_dir() / "native"  # the user's own folder: nothing loaded from a shared one
+    folder.mkdir(parents=True, exist_ok=True)
     errors = []
     for flags in FLAG_SETS:
         key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), _processor().encode(),
@@ -172,6 +174,10 @@ def usable(z: Tensor) -> bool:
             and z.is_contiguous() and library() is not None)
 
 
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
 def _ptr(t: Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
@@ -185,6 +191,9 @@ def forward(z: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor,
     """``out, pooled, idx, mean, var, invstd`` of the fused block on ``z`` (see the C source):
     ``pooled`` is each window's chosen value minus the mean, ``idx`` its position (0-3, row-major)."""
     n, c, h, w = z.shape
+    if gamma.numel() != c or beta.numel() != c:
+        raise ValueError(f"the fused block needs one weight and one bias per channel ({c}), got "
+                         f"{gamma.numel()} and {beta.numel()}")
     gamma = gamma.detach().float().contiguous()
     beta = beta.detach().float().contiguous()
     out = z.new_empty(n, c, h // 2, w // 2)
@@ -192,7 +201,7 @@ def forward(z: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor,
     idx = torch.empty(out.shape, dtype=torch.uint8)
     mean, var, invstd = (z.new_empty(c) for _ in range(3))
     _check(library().bnrp_forward(_ptr(z), _ptr(gamma), _ptr(beta), eps, n, c, h, w, _ptr(out), _ptr(pooled),
-                                  _ptr(idx), _ptr(mean), _ptr(var), _ptr(invstd), torch.get_num_threads()))
+                                  _ptr(idx), _ptr(mean), _ptr(var), _ptr(invstd), _threads()))
     return out, pooled, idx, mean, var, invstd
 
 
@@ -200,11 +209,12 @@ def backward(grad_out: Tensor, z: Tensor, out: Tensor, pooled: Tensor, idx: Tens
              invstd: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients of ``z``, ``gamma`` and ``beta`` given the output's gradient ``grad_out``."""
     n, c, h, w = z.shape
-    grad_out = grad_out.float().contiguous()
-    gamma = gamma.detach().float().contiguous()
+    # (a hook on saved tensors may hand them back in another layout)
+    grad_out, z, out, pooled, idx, mean, invstd, gamma = (
+        t.detach().contiguous() for t in (grad_out.float(), z, out, pooled, idx, mean, invstd, gamma.float()))
     grad_z = torch.empty_like(z)
     grad_gamma, grad_beta = z.new_empty(c), z.new_empty(c)
     _check(library().bnrp_backward(_ptr(grad_out), _ptr(z), _ptr(out), _ptr(pooled), _ptr(idx), _ptr(mean),
                                    _ptr(invstd), _ptr(gamma), n, c, h, w, _ptr(grad_z), _ptr(grad_gamma),
-                                   _ptr(grad_beta), torch.get_num_threads()))
+                                   _ptr(grad_beta), _threads()))
     return grad_z, grad_gamma, grad_beta

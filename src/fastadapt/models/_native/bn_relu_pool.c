@@ -7,10 +7,11 @@
    statistics and for normalising, rectifying and pooling a plane) and once in the backward pass
    (one write of the input gradient), plane by plane in memory order. Semantics, checked by
    tests/test_native.py against PyTorch's layers in float64:
-   - the batch mean and biased variance per channel over N x H x W (sums of each plane in float,
-     of the planes in double, shifted by one value of the channel so the squares do not cancel);
+   - the batch mean and biased variance per channel over N x H x W (sums of blocks of values in
+     float, of the blocks in double, shifted by the channel's mean over the first image);
    - each 2x2 window's maximum (minimum where gamma * invstd < 0: the affine map then decreases),
-     the first one in row-major order on ties and NaN when the window holds one, as max_pool2d;
+     the first one in row-major order on ties, as max_pool2d, and NaN when the window holds one;
+     gamma == 0 (every element of a window then ties after the affine map) is left to the caller;
      a last odd row or column is dropped, as max_pool2d does;
    - out = max(0, a * (x - mean) + beta) with a = gamma / sqrt(var + eps) (NaN stays NaN);
    - the input gradient a * (dy - mean(dy) - xhat * mean(dy * xhat)), where dy is the output
@@ -34,46 +35,58 @@ static inline float pick(int c, float a, float b) {
     return f;
 }
 
-/* Per channel: sum of (v - shift) and of its square over all planes, each plane summed in float
-   and the planes in double (the shift, one value of the channel, keeps the squares from
-   cancelling). Returns 0 on success, -1 when out of memory. */
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_thread_num(void) { return 0; }
+#endif
+
+/* Float sums of BLOCK consecutive values at a time (vectorised), added up in double: the error
+   does not grow with the size of a plane. */
+#define BLOCK 1024
+
+/* Per channel: the sums of (v - shift) and of its square over all planes (forward), or of g and
+   g * weight with g = v where mask > 0 (backward, when weight is given). Each thread adds its
+   planes into its own row of partial sums and the rows are added in thread order afterwards, so
+   the result does not depend on timing. Returns 0, or -1 when out of memory. */
 static int channel_sums(const float *v, int64_t n, int64_t c, int64_t plane, const float *shift, const float *weight,
                         const float *mask, double *s1, double *s2, int threads) {
-    int failed = 0;
-    memset(s1, 0, sizeof(double) * c);
-    memset(s2, 0, sizeof(double) * c);
+    if (threads < 1) threads = 1;
+    double *parts = calloc((size_t)threads * 2 * c, sizeof(double));
+    if (!parts) return -1;
 #pragma omp parallel num_threads(threads)
     {
-        double *a1 = calloc(2 * c, sizeof(double));
-        if (!a1) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        double *a1 = parts + (size_t)omp_get_thread_num() * 2 * c;
 #pragma omp for schedule(static)
         for (int64_t pi = 0; pi < n * c; pi++) {
-            if (!a1) continue;
             const int64_t ch = pi % c;
             const float *p = v + pi * plane;
-            float acc1 = 0.f, acc2 = 0.f;
-            if (weight) { /* backward: s1 = sum of g, s2 = sum of g * weight, g = v where mask > 0 */
-                const float *wt = weight + pi * plane, *mk = mask + pi * plane;
+            for (int64_t k0 = 0; k0 < plane; k0 += BLOCK) {
+                const int64_t k1 = k0 + BLOCK < plane ? k0 + BLOCK : plane;
+                float acc1 = 0.f, acc2 = 0.f;
+                if (weight) {
+                    const float *wt = weight + pi * plane, *mk = mask + pi * plane;
 #pragma omp simd reduction(+ : acc1, acc2)
-                for (int64_t k = 0; k < plane; k++) { float g = mk[k] > 0.f ? p[k] : 0.f; acc1 += g; acc2 += g * wt[k]; }
-            } else {
-                const float sh = shift[ch];
+                    for (int64_t k = k0; k < k1; k++) { float g = mk[k] > 0.f ? p[k] : 0.f; acc1 += g; acc2 += g * wt[k]; }
+                } else {
+                    const float sh = shift[ch];
 #pragma omp simd reduction(+ : acc1, acc2)
-                for (int64_t k = 0; k < plane; k++) { float d = p[k] - sh; acc1 += d; acc2 += d * d; }
+                    for (int64_t k = k0; k < k1; k++) { float d = p[k] - sh; acc1 += d; acc2 += d * d; }
+                }
+                a1[ch] += acc1;
+                a1[c + ch] += acc2;
             }
-            a1[ch] += acc1;
-            a1[c + ch] += acc2;
-        }
-        if (a1) {
-#pragma omp critical
-            for (int64_t ch = 0; ch < c; ch++) { s1[ch] += a1[ch]; s2[ch] += a1[c + ch]; }
-            free(a1);
         }
     }
-    return failed ? -1 : 0;
+    memset(s1, 0, sizeof(double) * c);
+    memset(s2, 0, sizeof(double) * c);
+    for (int t = 0; t < threads; t++)
+        for (int64_t ch = 0; ch < c; ch++) {
+            s1[ch] += parts[(size_t)t * 2 * c + ch];
+            s2[ch] += parts[(size_t)t * 2 * c + c + ch];
+        }
+    free(parts);
+    return 0;
 }
 
 int bnrp_forward(const float *z, const float *gamma, const float *beta, float eps, int64_t n, int64_t c, int64_t h, int64_t w,
@@ -82,9 +95,20 @@ int bnrp_forward(const float *z, const float *gamma, const float *beta, float ep
     const int64_t hw = h * w, h2 = h / 2, w2 = w / 2, q = h2 * w2;
     const double count = (double)(n * hw);
     double *s = malloc(2 * c * sizeof(double));
-    float *shift = malloc(c * sizeof(float));
+    float *shift = calloc(c, sizeof(float));
     if (!s || !shift) { free(s); free(shift); return -1; }
-    for (int64_t ch = 0; ch < c; ch++) shift[ch] = z[ch * hw];
+    /* the shift: each channel's mean over the first image, near the batch mean, so that the sum of
+       squares hardly cancels */
+    for (int64_t ch = 0; ch < c; ch++) {
+        double m0 = 0.0;
+        for (int64_t k0 = 0; k0 < hw; k0 += BLOCK) {
+            const int64_t k1 = k0 + BLOCK < hw ? k0 + BLOCK : hw;
+            float acc = 0.f;
+            for (int64_t k = k0; k < k1; k++) acc += z[ch * hw + k];
+            m0 += acc;
+        }
+        shift[ch] = (float)(m0 / (double)hw);
+    }
     if (channel_sums(z, n, c, hw, shift, NULL, NULL, s, s + c, threads)) { free(s); free(shift); return -1; }
     for (int64_t ch = 0; ch < c; ch++) {
         const double d = s[ch] / count;
