@@ -119,63 +119,59 @@ int bnrp_forward(const float *z, const float *gamma, const float *beta, float ep
         invstd_out[ch] = (float)(1.0 / sqrt(var + eps));
     }
     free(s); free(shift);
-    const int even = w % 2 == 0; /* then a plane's horizontal pairs are consecutive */
+    int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        float *hm = even ? malloc(sizeof(float) * hw / 2) : NULL;
-        uint8_t *hr = even ? malloc(hw / 2) : NULL;
+        /* each plane's horizontal pair maxima (h x w2) and whether the right one won */
+        float *hm = malloc(sizeof(float) * h * w2);
+        uint8_t *hr = malloc(h * w2);
+        if (!hm || !hr) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(static)
         for (int64_t pi = 0; pi < n * c; pi++) {
+            if (!hm || !hr) continue;
             const int64_t ch = pi % c;
             const float m = mean_out[ch], a = gamma[ch] * invstd_out[ch], b = beta[ch];
             const float sign = a < 0.f ? -1.f : 1.f; /* the affine map decreases: pool the minimum */
             const float *restrict p = z + pi * hw;
             float *restrict o = out + pi * q, *restrict pl = pooled + pi * q;
             uint8_t *restrict ix = idx + pi * q;
-            if (hm && hr) {
-                /* the maximum of each horizontal pair, then of each window's two pairs */
+            /* the maximum of each horizontal pair: with w even the pairs of the whole plane are
+               consecutive (one long loop); with w odd each row's last value is left out */
+            for (int64_t r = 0; r < (w % 2 ? h : 1); r++) {
+                const int64_t pairs = w % 2 ? w2 : h * w2;
+                const float *restrict row = p + r * w;
+                float *restrict hmr = hm + r * w2;
+                uint8_t *restrict hrr = hr + r * w2;
 #pragma omp simd
-                for (int64_t k = 0; k < hw / 2; k++) {
-                    const float l = sign * p[2 * k], r = sign * p[2 * k + 1];
-                    const int rw = gt(r, l);
-                    hm[k] = pick(rw, r, l);
-                    hr[k] = (uint8_t)rw;
+                for (int64_t k = 0; k < pairs; k++) {
+                    const float l = sign * row[2 * k], rt = sign * row[2 * k + 1];
+                    const int rw = gt(rt, l);
+                    hmr[k] = pick(rw, rt, l);
+                    hrr[k] = (uint8_t)rw;
                 }
-                for (int64_t y = 0; y < h2; y++) {
-                    const float *restrict t0 = hm + 2 * y * w2, *restrict t1 = t0 + w2;
-                    const uint8_t *restrict f0 = hr + 2 * y * w2, *restrict f1 = f0 + w2;
-#pragma omp simd
-                    for (int64_t x = 0; x < w2; x++) {
-                        const int v = gt(t1[x], t0[x]);
-                        const float centred = sign * pick(v, t1[x], t0[x]) - m;
-                        const float y_ = a * centred + b;
-                        pl[y * w2 + x] = centred;
-                        o[y * w2 + x] = pick(y_ < 0.f, 0.f, y_);
-                        ix[y * w2 + x] = (uint8_t)(2 * v + f0[x] + v * (f1[x] - f0[x]));
-                    }
-                }
-                continue;
             }
+            /* then of each window's two pairs (a last odd row is left out) */
             for (int64_t y = 0; y < h2; y++) {
-                const float *restrict r0 = p + 2 * y * w, *restrict r1 = r0 + w;
+                const float *restrict t0 = hm + 2 * y * w2, *restrict t1 = t0 + w2;
+                const uint8_t *restrict f0 = hr + 2 * y * w2, *restrict f1 = f0 + w2;
+#pragma omp simd
                 for (int64_t x = 0; x < w2; x++) {
-                    const float a0 = sign * r0[2 * x], a1 = sign * r0[2 * x + 1];
-                    const float b0 = sign * r1[2 * x], b1 = sign * r1[2 * x + 1];
-                    const int t = gt(a1, a0), u = gt(b1, b0);
-                    const float top = pick(t, a1, a0), bot = pick(u, b1, b0);
-                    const int v = gt(bot, top);
-                    const float centred = sign * pick(v, bot, top) - m;
+                    const int v = gt(t1[x], t0[x]);
+                    const float centred = sign * pick(v, t1[x], t0[x]) - m;
                     const float y_ = a * centred + b;
                     pl[y * w2 + x] = centred;
                     o[y * w2 + x] = pick(y_ < 0.f, 0.f, y_);
-                    ix[y * w2 + x] = (uint8_t)(t + v * (2 + u - t));
+                    ix[y * w2 + x] = (uint8_t)(2 * v + f0[x] + v * (f1[x] - f0[x]));
                 }
             }
         }
         free(hm);
         free(hr);
     }
-    return 0;
+    return failed ? -1 : 0;
 }
 
 int bnrp_backward(const float *grad_out, const float *z, const float *out, const float *pooled, const uint8_t *idx,
