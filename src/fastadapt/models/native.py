@@ -118,10 +118,10 @@ def _load() -> ctypes.CDLL:
     source = SOURCE.read_bytes()
     folder = cache_dir() / "native"  # the user's own folder: nothing loaded from a shared one
     folder.mkdir(parents=True, exist_ok=True)
+    machine = (_processor() + platform.machine()).encode()
     errors = []
     for flags in FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), _processor().encode(),
-                                         platform.machine().encode()])).hexdigest()[:20]
+        key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), machine])).hexdigest()[:20]
         target = folder / f"bn_relu_pool-{key}.so"
         for attempt in range(2):  # a library that no longer loads is built again, once
             if not target.exists():
