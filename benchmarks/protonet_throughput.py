@@ -5,12 +5,11 @@ Both train the same Conv-4 Prototypical Network (same initial weights, same math
 tensors, support and query concatenated into one forward pass, distances by broadcasting
 ``(x[:, None] - p[None]) ** 2``, and it is handed pre-sampled episodes (it does no sampling work).
 fastadapt's path is the real one: sampling from the uint8 pool, ``ProtoNet.train_step`` (Conv-4's
-fused BatchNorm/ReLU/max-pool blocks), in three settings: NCHW with the blocks' native kernels
-(the CPU default for ProtoNet where the kernels build; ``fastadapt.models.native``), NCHW with the
-blocks in PyTorch operations (``fastadapt.models.native.ENABLED = False``), and channels-last
-(``--memory-format channels_last``; the blocks in PyTorch operations, the default before the
-native kernels). Steps alternate between the four so that machine noise hits all alike; medians
-are reported.
+fused BatchNorm/ReLU/max-pool blocks), in four settings: channels-last and NCHW
+(``--memory-format``), each with the blocks in their native kernels (``fastadapt.models.native``;
+channels-last with them is the CPU default for ProtoNet) and in PyTorch operations
+(``fastadapt.models.native.ENABLED = False``, what runs where no C compiler builds the kernels).
+Steps alternate between the five so that machine noise hits all alike; medians are reported.
 
 Run twice, in child processes, under glibc's default allocator and with
 ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` raised to 4 GiB (peers compared under the
@@ -70,7 +69,8 @@ def child(args: argparse.Namespace) -> dict:
     plain.load_state_dict({k.replace("encoder.", ""): v for k, v in ours.backbone.state_dict().items()})
     default = apply_memory_format(ours, "auto", "cpu")  # what `fastadapt train protonet` decides here
     learners = {}
-    for name, layout in (("nchw", "nchw"), ("nchw_torch_ops", "nchw"), ("channels_last", "channels_last")):
+    for name, layout in (("channels_last", "channels_last"), ("channels_last_torch_ops", "channels_last"),
+                         ("nchw", "nchw"), ("nchw_torch_ops", "nchw")):
         learners[name] = copy.deepcopy(ours)
         use_memory_format(learners[name], layout)
     opts = {k: torch.optim.Adam(m.parameters(), 1e-3) for k, m in learners.items()}
@@ -87,7 +87,7 @@ def child(args: argparse.Namespace) -> dict:
     times = {k: [] for k in (*learners, "plain")}
     for step in range(args.steps + 2):
         for name, learner in learners.items():
-            native.ENABLED = name != "nchw_torch_ops"
+            native.ENABLED = not name.endswith("_torch_ops")
             try:
                 t = time.perf_counter()
                 learner.train_step(source.sample_batch(gen, 1), opts[name])
@@ -131,11 +131,10 @@ def main() -> None:
                               "--data-dir", args.data_dir], env=env, capture_output=True, text=True, check=True)
         out[name] = json.loads(res.stdout.strip().splitlines()[-1])
         r = out[name]
-        print(f"{name}: plain {r['ms_per_episode_plain']:.0f} ms/episode; fastadapt NCHW with native kernels "
-              f"{r['ms_per_episode_fastadapt_nchw']:.0f} ({r['speedup_nchw']:.2f}x), NCHW with the blocks in PyTorch "
-              f"operations {r['ms_per_episode_fastadapt_nchw_torch_ops']:.0f} ({r['speedup_nchw_torch_ops']:.2f}x), "
-              f"channels-last {r['ms_per_episode_fastadapt_channels_last']:.0f} ({r['speedup_channels_last']:.2f}x); "
-              f"default layout {r['default_layout']} (native kernels: {r['native_kernels']}); losses "
+        print(f"{name}: plain {r['ms_per_episode_plain']:.0f} ms/episode; fastadapt "
+              + ", ".join(f"{k.replace('_', ' ')} {r[f'ms_per_episode_fastadapt_{k}']:.0f} ({r[f'speedup_{k}']:.2f}x)"
+                          for k in ("channels_last", "channels_last_torch_ops", "nchw", "nchw_torch_ops"))
+              + f"; default layout {r['default_layout']} (native kernels: {r['native_kernels']}); losses "
               f"{r['loss_fastadapt']:.4f} vs {r['loss_plain']:.4f}")
     save("protonet_throughput", {"episode": f"{WAYS}-way {SHOTS}-shot {QUERIES}-query", "steps": args.steps,
                                  "statistic": "median seconds per training episode, alternating steps",

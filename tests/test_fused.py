@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastadapt.methods import MAML, ProtoNet
-from fastadapt.models import Conv4, fused
+from fastadapt.models import Conv4, fused, native
 from fastadapt.models.fused import bn_relu_pool, can_fuse, fused_blocks
 from fastadapt.models.norm import BatchStatNorm
 from fastadapt.tasks import Episode
@@ -84,8 +84,9 @@ def test_fusion_is_used_only_where_it_is_safe():
         assert not can_fuse(z.half(), bn, relu, pool)
         assert not can_fuse(z[..., ::2], bn, relu, pool)  # neither NCHW nor channels-last
         assert not can_fuse(z[:0], bn, relu, pool)  # an empty batch: PyTorch's layers say what is wrong
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not can_fuse(z, bn, relu, pool)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # only where the native kernels take z
+            assert can_fuse(z, bn, relu, pool) == native.usable(z)
+            assert not can_fuse(z.double(), bn, relu, pool)
         seen = []
         torch.compile(lambda t: (seen.append(can_fuse(t, bn, relu, pool)), t + 1)[1], backend="eager")(z)
         assert seen == [False]  # compiled graphs fuse the plain layers themselves

@@ -11,7 +11,6 @@ from fastadapt.cli import main
 from fastadapt.config import resolve
 from fastadapt.data import build_task_source
 from fastadapt.errors import ConfigError
-from fastadapt.models import native
 from fastadapt.models.conv4 import Conv4, use_memory_format
 from fastadapt.models.fused import fused_blocks
 from fastadapt.precision import decide_memory_format
@@ -30,12 +29,9 @@ def _is_channels_last(learner):
 def test_auto_is_nchw_on_the_cpu_and_channels_last_on_a_gpu():
     assert decide_memory_format("auto", "cpu") == "nchw"
     assert decide_memory_format("auto", "cuda") == "channels_last"
-    # A learner that trains only through the fused blocks is exact in channels-last (ProtoNet):
-    # NCHW where the blocks have their native kernels (fp32), else channels-last.
+    # A learner that trains only through the fused blocks is exact in channels-last (ProtoNet).
     assert decide_memory_format("auto", "cpu", fused_training=True) == "channels_last"
-    assert decide_memory_format("auto", "cpu", fused_training=True, native_blocks=True) == "nchw"
-    assert decide_memory_format("auto", "cpu", True, native_blocks=True, precision="bf16") == "channels_last"
-    assert decide_memory_format("auto", "cuda", True, native_blocks=True) == "channels_last"
+    assert decide_memory_format("auto", "cuda", fused_training=True) == "channels_last"
     assert METHODS.get("protonet").fused_training and not METHODS.get("maml").fused_training
     assert decide_memory_format("channels_last", "cpu") == "channels_last"
     with pytest.raises(ConfigError, match="--memory-format must be one of"):
@@ -45,7 +41,7 @@ def test_auto_is_nchw_on_the_cpu_and_channels_last_on_a_gpu():
 @pytest.mark.parametrize("layout,fuse", [("nchw", False), ("nchw", True), ("channels_last", True)])
 def test_the_cpu_defaults_give_the_float64_gradient_within_float32_rounding(layout, fuse):
     # The reason for the CPU defaults: NCHW (unfused layers, MAML's inner loop) and ProtoNet's
-    # training step (fused blocks: native kernels in NCHW, PyTorch operations in channels-last)
+    # training step (fused blocks, in either layout: native kernels, or PyTorch operations without them)
     # give float32 meta-gradients exact to about 1e-4, against 1e-2 for PyTorch's channels-last
     # BatchNorm.
     cfg = resolve("protonet", {}, {"dataset": "builtin"})
@@ -86,8 +82,7 @@ def test_use_memory_format_keeps_the_weights_and_the_output():
 def test_train_records_the_decided_layout_and_resume_keeps_it(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "protonet", *FAST, "--steps", "2", "--out", str(run)]) == 0
-    expected = "nchw" if native.library() is not None else "channels_last"  # see decide_memory_format
-    assert yaml.safe_load((run / "config.yaml").read_text())["memory_format"] == expected
+    assert yaml.safe_load((run / "config.yaml").read_text())["memory_format"] == "channels_last"
     bf16 = tmp_path / "bf16"
     assert main(["train", "protonet", *FAST, "--steps", "1", "--precision", "bf16", "--out", str(bf16)]) == 0
     assert yaml.safe_load((bf16 / "config.yaml").read_text())["memory_format"] == "channels_last"

@@ -57,11 +57,26 @@ def test_native_kernels_build_where_there_is_a_compiler():
     assert native.library() is not None  # a broken build must fail here, not fall back unnoticed
 
 
+def _format(layout):
+    return torch.channels_last if layout == "nhwc" else torch.contiguous_format
+
+
+def _layout(t, layout):
+    return t.contiguous(memory_format=_format(layout))
+
+
+def _is_layout(t, layout):
+    return t.is_contiguous(memory_format=_format(layout))
+
+
 @needs_kernels
 @pytest.mark.parametrize("shape", [(6, 5, 8, 8), (4, 6, 7, 9), (2, 3, 2, 3), (3, 4, 5, 2), (5, 64, 28, 28)])
 @pytest.mark.parametrize("grid", [True, False])
-def test_native_block_equals_the_three_layers_with_their_gradients(shape, grid):
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_native_block_equals_the_three_layers_with_their_gradients(shape, grid, layout):
     z, gamma, beta, grad_out = _inputs(shape, grid=grid)
+    z = _layout(z, layout)
+    assert native.layout(z) == layout
     got, ran = _block(z, gamma, beta, grad_out)
     assert ran == "_NativeKernels"
     names = ("out", "mean", "var", "grad_z", "grad_gamma", "grad_beta")
@@ -69,18 +84,59 @@ def test_native_block_equals_the_three_layers_with_their_gradients(shape, grid):
         assert a.dtype == torch.float32 and a.shape == b.shape, name
         scale = float(b.abs().max()) + 1e-3
         torch.testing.assert_close(a.double(), b, rtol=0, atol=2e-5 * scale, msg=name)
+    for name, a in (("out", got[0]), ("grad_z", got[3])):  # in the input's layout
+        assert _is_layout(a, layout), name
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(6, 5, 8, 8), (3, 7, 9, 11), (2, 3, 2, 3), (5, 64, 28, 28)])
+def test_bfloat16_block_is_the_float32_block_rounded(shape):
+    # bfloat16 values are float32 values: read as such, the bfloat16 kernels must do exactly the
+    # float32 arithmetic, rounding only what they write in bfloat16 (the output, the input's
+    # gradient); statistics and parameter gradients stay float32 and equal.
+    z, gamma, beta, grad_out = _inputs(shape, grid=False)
+    z, grad_out = _layout(z, "nhwc").bfloat16(), _layout(grad_out, "nhwc").bfloat16()
+    half, ran = _block(z, gamma, beta, grad_out)
+    assert ran == "_NativeKernels" and native.layout(z) == "nhwc"
+    full, _ = _block(z.float(), gamma, beta, grad_out.float())
+    names = ("out", "mean", "var", "grad_z", "grad_gamma", "grad_beta")
+    for name, a, b in zip(names, half, full):
+        if name in ("out", "grad_z"):
+            assert a.dtype == torch.bfloat16 and _is_layout(a, "nhwc"), name
+            b = b.bfloat16()
+        assert torch.equal(a, b), name
+    # and both are the three layers within bfloat16's rounding of what they write
+    for name, a, b in zip(names, half, _reference(z.float(), gamma, beta, grad_out.float())):
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=8e-3 * (float(b.abs().max()) + 1e-3), msg=name)
+
+
+@needs_kernels
+def test_bfloat16_keeps_nan_and_infinity_as_the_float32_block_rounded():
+    # (rounding to nearest even is checked above: 5x64x28x28 holds hundreds of exact ties)
+    z, gamma, beta, grad_out = _inputs((3, 4, 6, 6), grid=False)
+    z = _layout(z, "nhwc").bfloat16()
+    z[0, 1, 2, 3] = float("nan")
+    z[1, 2, 0, 0] = float("inf")
+    grad_out = _layout(grad_out, "nhwc").bfloat16()
+    half, _ = _block(z, gamma, beta, grad_out)
+    full, _ = _block(z.float(), gamma, beta, grad_out.float())
+    for a, b in zip(half, full):
+        b = b.to(a.dtype)
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a[~a.isnan()], b[~b.isnan()])
+    assert half[0][:, 1].isnan().all() and half[1][1].isnan()  # the NaN's channel, as the layers
 
 
 @needs_kernels
 @pytest.mark.parametrize("case", ["outlier first", "large plane"])
-def test_statistics_stay_exact_for_large_planes_and_outliers(case):
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_statistics_stay_exact_for_large_planes_and_outliers(case, layout):
     if case == "outlier first":  # the first value of each channel far from its mean
         z, gamma, beta, grad_out = _inputs((4, 3, 84, 84), grid=False)
         z[0, :, 0, 0] = 60.0
     else:  # one plane of a million values
         z, gamma, beta, grad_out = _inputs((1, 2, 1024, 1024), grid=False)
         z += 3.0
-    got, ran = _block(z, gamma, beta, grad_out)
+    got, ran = _block(_layout(z, layout), gamma, beta, grad_out)
     assert ran == "_NativeKernels"
     for name, a, b in zip(("out", "mean", "var", "grad_z", "grad_gamma", "grad_beta"), got,
                           _reference(z, gamma, beta, grad_out)):
@@ -112,8 +168,10 @@ def test_weights_of_the_wrong_size_are_refused():
 
 
 @needs_kernels
-def test_native_and_pytorch_operations_agree_in_float32():
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_native_and_pytorch_operations_agree_in_float32(layout):
     z, gamma, beta, grad_out = _inputs((8, 16, 14, 14), grid=False)
+    z = _layout(z, layout)
     ours, ran = _block(z, gamma, beta, grad_out)
     native.ENABLED = False
     try:
@@ -126,10 +184,11 @@ def test_native_and_pytorch_operations_agree_in_float32():
 
 
 @needs_kernels
-def test_a_nan_propagates_as_through_the_layers():
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_a_nan_propagates_as_through_the_layers(layout):
     z, gamma, beta, grad_out = _inputs((3, 4, 6, 6))
     z[1, 2, 3, 3] = float("nan")
-    (out, mean, *_), _ = _block(z, gamma, beta, grad_out)
+    (out, mean, *_), _ = _block(_layout(z, layout), gamma, beta, grad_out)
     ref = _reference(z, gamma, beta, grad_out)[0]
     assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.isnan(out[:, 2]).all()
     assert torch.isnan(mean[2]) and not torch.isnan(mean[[0, 1, 3]]).any()
@@ -140,7 +199,17 @@ def test_other_dtypes_and_layouts_use_the_pytorch_operations():
     z, gamma, beta, grad_out = _inputs((2, 3, 4, 4))
     assert _block(z.double(), gamma.double(), beta.double(), grad_out.double())[1] == "_TorchKernels"
     cl = z.contiguous(memory_format=torch.channels_last)
-    assert not native.usable(cl) and native.usable(z)
+    assert native.layout(z) == "nchw" and native.layout(cl) == "nhwc" and native.layout(cl.bfloat16()) == "nhwc"
+    for other in (z.bfloat16(), z.double(), cl.half(), cl[..., ::2], z[0]):  # bfloat16 NCHW: its convolutions are slow
+        assert native.layout(other) is None and not native.usable(other)
+    bn, relu, pool = torch.nn.BatchNorm2d(3), torch.nn.ReLU(), torch.nn.MaxPool2d(2)
+    with fused.fused_blocks():
+        assert fused.can_fuse(cl.bfloat16(), bn, relu, pool) and not fused.can_fuse(z.bfloat16(), bn, relu, pool)
+        native.ENABLED = False
+        try:  # bfloat16 without the native kernels: PyTorch's layers, not bfloat16 PyTorch operations
+            assert not fused.can_fuse(cl.bfloat16(), bn, relu, pool) and fused.can_fuse(cl, bn, relu, pool)
+        finally:
+            native.ENABLED = True
 
 
 def test_turned_off_by_the_environment(monkeypatch, rebuilt):
@@ -187,3 +256,39 @@ def test_maml_meta_gradient_with_the_native_block_matches_the_pytorch_operations
         grads.append(torch.cat([p.grad.flatten() for p in learner.model.parameters()]))
     assert len(calls) == 4 * (4 if batching == "loop" else 1)  # Conv-4's blocks in the query passes
     assert float((grads[0] - grads[1]).norm() / grads[1].norm()) < 1e-5
+
+
+@needs_kernels
+def test_protonet_under_bf16_autocast_runs_every_block_natively_in_channels_last(monkeypatch):
+    # Under autocast the convolutions return bfloat16: in channels-last each block then runs in
+    # the native kernels (reading and writing bfloat16), and the episode's gradient is the one of
+    # PyTorch's bfloat16 layers up to bfloat16 rounding.
+    from fastadapt.methods import ProtoNet
+    from fastadapt.models.conv4 import use_memory_format
+
+    calls = []
+    forward = native.forward
+    monkeypatch.setattr(native, "forward", lambda *a: calls.append((a[0].dtype, native.layout(a[0]))) or forward(*a))
+    torch.manual_seed(0)
+    learner = ProtoNet.from_config({"ways": 5}, (1, 28, 28))
+    use_memory_format(learner, "channels_last")
+    g = torch.Generator().manual_seed(0)
+    batch = Episode(torch.rand(1, 10, 1, 28, 28, generator=g), torch.arange(5).repeat(2)[None],
+                    torch.rand(1, 15, 1, 28, 28, generator=g), torch.arange(5).repeat(3)[None])
+    grads = {}
+    for name, enabled, dtype in (("native", True, torch.bfloat16), ("layers", False, torch.bfloat16),
+                                 ("fp32", True, None)):
+        native.ENABLED = enabled
+        try:
+            learner.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+                loss, _ = learner.meta_loss(batch)
+            loss.backward()
+        finally:
+            native.ENABLED = True
+        grads[name] = torch.cat([p.grad.flatten() for p in learner.parameters()])
+    assert calls == [(torch.bfloat16, "nhwc")] * 4 + [(torch.float32, "nhwc")] * 4
+    rel = {k: float((grads[k] - grads["fp32"]).norm() / grads["fp32"].norm()) for k in ("native", "layers")}
+    # (both about 0.2 here: bfloat16 products on random images; tests/test_precision.py's bound is 0.3)
+    assert 0 < rel["native"] < 0.3 and rel["native"] < 1.25 * rel["layers"], rel
+    assert float((grads["native"] - grads["layers"]).norm() / grads["layers"].norm()) < 0.3

@@ -59,26 +59,21 @@ def _device_of(args: tuple[Any, ...]) -> str:
     return "cpu"
 
 
-def decide_memory_format(memory_format: str, device: torch.device | str, fused_training: bool = False,
-                         native_blocks: bool = False, precision: str = "fp32") -> str:
+def decide_memory_format(memory_format: str, device: torch.device | str, fused_training: bool = False) -> str:
     """``channels_last`` or ``nchw`` for ``memory_format`` on ``device``.
 
     ``auto`` is channels-last on a GPU. On the CPU channels-last is faster (oneDNN) but PyTorch's
     CPU BatchNorm sums a channels-last input in plain float32 order, so Conv-4's float32
     meta-gradient is about 1e-2 (relative) away from the float64 one, against about 6e-5 in NCHW
-    (``benchmarks/conv4_grad_accuracy.py``): ``auto`` is NCHW there, exactness first. A learner
-    that trains only through Conv-4's fused blocks (``fused_training``, ProtoNet) is exact in
-    either layout, since the blocks compute the batch statistics themselves; it trains in NCHW
-    where the blocks run in their native kernels (``native_blocks``: float32 NCHW only, see
-    :mod:`fastadapt.models.native`; faster than channels-last with the blocks in PyTorch
-    operations) and in fp32, else channels-last (bf16 autocast runs the layers unfused).
+    (``benchmarks/conv4_grad_accuracy.py``): ``auto`` is NCHW there, exactness first, unless the
+    learner trains only through Conv-4's fused blocks (``fused_training``, ProtoNet), which
+    compute the batch statistics themselves and are as exact in channels-last as in NCHW (and
+    fastest there, in float32 and bf16; see :mod:`fastadapt.models.native`).
     """
     if memory_format not in MEMORY_FORMATS:
         raise ConfigError(f"--memory-format must be one of {', '.join(MEMORY_FORMATS)}, got {memory_format!r}")
     if memory_format != "auto":
         return memory_format
-    if torch.device(device).type == "cuda":
-        return "channels_last"
-    if fused_training and not (native_blocks and precision == "fp32"):
+    if torch.device(device).type == "cuda" or fused_training:
         return "channels_last"
     return "nchw"

@@ -90,11 +90,9 @@ CORE_HELP: dict[str, tuple[dict[str, Any], str]] = {
                                                                 "(protonet; maml, fomaml, anil, metasgd with vmap "
                                                                 "batching; one process)"),
     "memory_format": ({"choices": list(MEMORY_FORMATS)}, "layout of Conv-4: auto is channels_last on a GPU and "
+                                                         "for protonet (fused blocks, exact in either layout), else "
                                                          "nchw on the CPU, where channels-last is faster but its "
-                                                         "BatchNorm gradients are about 1e-2 off (relative); "
-                                                         "protonet, exact in either layout through its fused "
-                                                         "blocks, takes channels_last on the CPU only where their "
-                                                         "native kernels are missing or with bf16"),
+                                                         "BatchNorm gradients are about 1e-2 off (relative)"),
     "eval_ways": ({"type": int}, "ways of the final test evaluation"),
     "eval_shots": ({"type": int}, "shots of the final test evaluation"),
     "eval_queries": ({"type": int}, "queries per class of the final test evaluation"),
@@ -269,7 +267,7 @@ def _train(args: argparse.Namespace, cls: Any, cfg: dict[str, Any], procs: Proce
         test_source = _eval_source(data_cfg, "test", ev)
         val_source = _eval_source(data_cfg, "val", ev) if cfg["val_every"] else None
     learner = cls.from_config(cfg, source.in_shape)
-    cfg["memory_format"] = apply_memory_format(learner, cfg["memory_format"], cfg["device"], cfg["precision"])
+    cfg["memory_format"] = apply_memory_format(learner, cfg["memory_format"], cfg["device"])
     cfg.update(learner.decide_run_options(cfg["device"]))
     if cfg["compile"]:
         learner.compile_networks()  # refused (ConfigError) where the method needs a double backward

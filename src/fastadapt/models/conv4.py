@@ -13,7 +13,7 @@ from .._vmap import under_vmap
 from ..errors import ConfigError
 from ..precision import decide_memory_format
 from ..registry import BACKBONES
-from . import grouped, native
+from . import grouped
 from .fused import affine_relu_pool, bn_relu_pool, can_fuse
 
 
@@ -106,17 +106,11 @@ def use_memory_format(module: nn.Module, memory_format: str) -> None:
             m.to(memory_format=torch.channels_last if m.channels_last else torch.contiguous_format)
 
 
-def apply_memory_format(module: nn.Module, memory_format: str, device: torch.device | str,
-                        precision: str = "fp32") -> str:
+def apply_memory_format(module: nn.Module, memory_format: str, device: torch.device | str) -> str:
     """Decide ``memory_format`` for ``device`` and the learner ``module`` (``auto``: see
-    :func:`fastadapt.precision.decide_memory_format`, told the learner's ``fused_training``,
-    whether the fused blocks' native kernels load, and the run's ``precision``), put ``module``'s
-    Conv-4s in it and return the decision (``channels_last`` or ``nchw``), as ``fastadapt train``
-    records it."""
-    fused_training = getattr(module, "fused_training", False)
-    # Only a decision that depends on it builds the kernels.
-    blocks = (memory_format == "auto" and fused_training and torch.device(device).type == "cpu"
-              and native.library() is not None)
-    decided = decide_memory_format(memory_format, device, fused_training, blocks, precision)
+    :func:`fastadapt.precision.decide_memory_format`, told the learner's ``fused_training``), put
+    ``module``'s Conv-4s in it and return the decision (``channels_last`` or ``nchw``), as
+    ``fastadapt train`` records it."""
+    decided = decide_memory_format(memory_format, device, getattr(module, "fused_training", False))
     use_memory_format(module, decided)
     return decided

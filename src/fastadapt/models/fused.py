@@ -16,11 +16,13 @@ computes the same function with fewer full-resolution passes:
   pooled tensors, and the full-resolution work is one multiply-add plus the scatter of the
   pooled gradient to the maxima (the first maximum of a window on ties, as ``max_pool2d``).
 
-For float32 NCHW tensors the same arithmetic runs in native kernels where they can be built
+For float32 tensors (NCHW or channels-last) and bfloat16 channels-last ones (what convolutions
+return under bf16 autocast) the same arithmetic runs in native kernels where they can be built
 (:mod:`fastadapt.models.native`): two passes over ``z`` forward (statistics; normalise, rectify and
 pool) and one backward (the input gradient written once), against several full-resolution
-passes of the PyTorch operations each way. Otherwise (float64, channels-last, no C compiler) the
-PyTorch operations below run.
+passes of the PyTorch operations each way; bfloat16 is read and written as such, with all
+arithmetic in float32. Otherwise (float64, no C compiler) the PyTorch operations below run; a
+bfloat16 block without the native kernels runs PyTorch's layers.
 
 The result equals ``max_pool2d(relu(batch_norm(z, training=True)), 2)`` and its gradients up to
 float rounding (``tests/test_fused.py`` and ``tests/test_native.py`` check both against float64).
@@ -73,19 +75,25 @@ def _in_functorch_transform() -> bool:
 
 def can_fuse(z: Tensor, bn: nn.Module, relu: nn.Module, pool: nn.Module) -> bool:
     """Whether :func:`bn_relu_pool` computes ``pool(relu(bn(z)))`` here: inside
-    :func:`fused_blocks`, outside ``torch.func`` transforms, ``torch.compile`` and autocast, on an
-    NCHW or channels-last float32/float64 CPU tensor, for a BatchNorm that normalises with batch
-    statistics (training mode, or no running statistics), a plain ReLU and a 2x2 max-pool of
-    stride 2."""
+    :func:`fused_blocks`, outside ``torch.func`` transforms and ``torch.compile``, on an NCHW or
+    channels-last float32/float64 CPU tensor, or one the native kernels take (under autocast, and
+    for bfloat16: see :func:`fastadapt.models.native.layout`), for a BatchNorm that normalises with
+    batch statistics (training mode, or no running statistics), a plain ReLU and a 2x2 max-pool
+    of stride 2."""
     if torch.compiler.is_compiling():  # first: compiled graphs fuse the plain layers themselves
         return False
     if not fusion_enabled() or _in_functorch_transform():
         return False
-    if z.device.type != "cpu" or z.dtype not in (torch.float32, torch.float64) or z.dim() != 4:
+    if z.device.type != "cpu" or z.dim() != 4:
         return False
     if not (z.is_contiguous() or z.is_contiguous(memory_format=torch.channels_last)):
         return False
-    if torch.is_autocast_enabled("cpu"):
+    # bfloat16 (what autocast's convolutions return) only in the native kernels, which compute in
+    # float32; PyTorch operations in bfloat16 would round every intermediate
+    if z.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu"):
+        if not native.usable(z):
+            return False
+    elif z.dtype not in (torch.float32, torch.float64):
         return False
     if z.shape[0] == 0 or z.shape[-2] < 2 or z.shape[-1] < 2:  # PyTorch's layers say what is wrong
         return False

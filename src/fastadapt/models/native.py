@@ -3,7 +3,9 @@
 :mod:`fastadapt.models.fused` computes the block from PyTorch operations: each one reads and writes
 the full-resolution activations again, and on a CPU that memory traffic, not arithmetic, is what
 the block costs. ``_native/bn_relu_pool.c`` does the same arithmetic in two passes over the
-activations forward and one backward. It has no dependency beyond a C compiler: on first use it is
+activations forward and one backward, for float32 NCHW tensors and for float32 or bfloat16
+channels-last ones (bfloat16 read and written as such, computed in float32: the block of bf16
+autocast, whose convolutions return bfloat16). It has no dependency beyond a C compiler: on first use it is
 compiled with the system's compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``; OpenMP where the
 compiler has it) into ``<cache>/native/`` (see :func:`fastadapt.io.cache_dir`), keyed by
 the source, the compiler and the processor (it is built for the processor it runs on), and loaded
@@ -164,14 +166,31 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.bnrp_forward.argtypes = [p, p, p, ctypes.c_float, i64, i64, i64, i64, p, p, p, p, p, p, ctypes.c_int]
     lib.bnrp_backward.restype = ctypes.c_int
     lib.bnrp_backward.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, p, p, p, ctypes.c_int]
+    lib.bnrp_forward_nhwc.restype = ctypes.c_int
+    lib.bnrp_forward_nhwc.argtypes = [p, ctypes.c_int, p, p, ctypes.c_float, i64, i64, i64, i64, p, p, p, p, p, p,
+                                      ctypes.c_int]
+    lib.bnrp_backward_nhwc.restype = ctypes.c_int
+    lib.bnrp_backward_nhwc.argtypes = [p, p, p, ctypes.c_int, p, p, p, p, p, i64, i64, i64, i64, p, p, p,
+                                       ctypes.c_int]
     return lib
+
+
+def layout(z: Tensor) -> str | None:
+    """Which kernels take ``z`` (a 4-d CPU tensor): ``"nchw"`` for a float32 NCHW-contiguous one,
+    ``"nhwc"`` for a float32 or bfloat16 channels-last one, else None."""
+    if z.device.type != "cpu" or z.dim() != 4:
+        return None
+    if z.dtype == torch.float32 and z.is_contiguous():
+        return "nchw"
+    if z.dtype in (torch.float32, torch.bfloat16) and z.is_contiguous(memory_format=torch.channels_last):
+        return "nhwc"
+    return None
 
 
 def usable(z: Tensor) -> bool:
     """Whether the native block runs on ``z`` (the caller has checked :func:`fused.can_fuse`): a
-    float32 NCHW-contiguous CPU tensor, with the kernels enabled and loaded."""
-    return (ENABLED and z.dtype == torch.float32 and z.device.type == "cpu" and z.dim() == 4
-            and z.is_contiguous() and library() is not None)
+    tensor that :func:`layout` places, with the kernels enabled and loaded."""
+    return ENABLED and layout(z) is not None and library() is not None
 
 
 def _threads() -> int:
@@ -188,33 +207,52 @@ def _check(code: int) -> None:
 
 
 def forward(z: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, ...]:
-    """``out, pooled, idx, mean, var, invstd`` of the fused block on ``z`` (see the C source):
-    ``pooled`` is each window's chosen value minus the mean, ``idx`` its position (0-3, row-major)."""
+    """``out, pooled, idx, mean, var, invstd`` of the fused block on ``z`` (see the C source), in
+    ``z``'s layout: ``out`` in ``z``'s dtype, ``pooled`` (each window's chosen value minus the
+    mean) and the statistics in float32, ``idx`` the chosen position (0-3, row-major)."""
     n, c, h, w = z.shape
     if gamma.numel() != c or beta.numel() != c:
         raise ValueError(f"the fused block needs one weight and one bias per channel ({c}), got "
                          f"{gamma.numel()} and {beta.numel()}")
     gamma = gamma.detach().float().contiguous()
     beta = beta.detach().float().contiguous()
-    out = z.new_empty(n, c, h // 2, w // 2)
-    pooled = torch.empty_like(out)
-    idx = torch.empty(out.shape, dtype=torch.uint8)
-    mean, var, invstd = (z.new_empty(c) for _ in range(3))
-    _check(library().bnrp_forward(_ptr(z), _ptr(gamma), _ptr(beta), eps, n, c, h, w, _ptr(out), _ptr(pooled),
-                                  _ptr(idx), _ptr(mean), _ptr(var), _ptr(invstd), _threads()))
+    fmt = torch.channels_last if layout(z) == "nhwc" else torch.contiguous_format
+    out = torch.empty((n, c, h // 2, w // 2), dtype=z.dtype, memory_format=fmt)
+    pooled = torch.empty(out.shape, dtype=torch.float32, memory_format=fmt)
+    idx = torch.empty(out.shape, dtype=torch.uint8, memory_format=fmt)
+    mean, var, invstd = (torch.empty(c) for _ in range(3))
+    lib = library()
+    if fmt is torch.channels_last:
+        code = lib.bnrp_forward_nhwc(_ptr(z), int(z.dtype == torch.bfloat16), _ptr(gamma), _ptr(beta), eps, n, c,
+                                     h, w, _ptr(out), _ptr(pooled), _ptr(idx), _ptr(mean), _ptr(var), _ptr(invstd),
+                                     _threads())
+    else:
+        code = lib.bnrp_forward(_ptr(z), _ptr(gamma), _ptr(beta), eps, n, c, h, w, _ptr(out), _ptr(pooled),
+                                _ptr(idx), _ptr(mean), _ptr(var), _ptr(invstd), _threads())
+    _check(code)
     return out, pooled, idx, mean, var, invstd
 
 
 def backward(grad_out: Tensor, z: Tensor, out: Tensor, pooled: Tensor, idx: Tensor, mean: Tensor,
              invstd: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The gradients of ``z``, ``gamma`` and ``beta`` given the output's gradient ``grad_out``."""
+    """The gradients of ``z`` (in its dtype and layout), ``gamma`` and ``beta`` (float32) given the
+    output's gradient ``grad_out``."""
     n, c, h, w = z.shape
-    # (a hook on saved tensors may hand them back in another layout)
-    grad_out, z, out, pooled, idx, mean, invstd, gamma = (
-        t.detach().contiguous() for t in (grad_out.float(), z, out, pooled, idx, mean, invstd, gamma.float()))
-    grad_z = torch.empty_like(z)
-    grad_gamma, grad_beta = z.new_empty(c), z.new_empty(c)
-    _check(library().bnrp_backward(_ptr(grad_out), _ptr(z), _ptr(out), _ptr(pooled), _ptr(idx), _ptr(mean),
-                                   _ptr(invstd), _ptr(gamma), n, c, h, w, _ptr(grad_z), _ptr(grad_gamma),
-                                   _ptr(grad_beta), _threads()))
+    nhwc = layout(z) != "nchw"  # (a hook on saved tensors may hand them back in another layout)
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    grad_out, z, out = (t.detach().to(z.dtype).contiguous(memory_format=fmt) for t in (grad_out, z, out))
+    pooled, idx = (t.detach().contiguous(memory_format=fmt) for t in (pooled, idx))
+    mean, invstd, gamma = (t.detach().float().contiguous() for t in (mean, invstd, gamma))
+    grad_z = torch.empty_like(z, memory_format=fmt)
+    grad_gamma, grad_beta = torch.empty(c), torch.empty(c)
+    lib = library()
+    if nhwc:
+        code = lib.bnrp_backward_nhwc(_ptr(grad_out), _ptr(z), _ptr(out), int(z.dtype == torch.bfloat16),
+                                      _ptr(pooled), _ptr(idx), _ptr(mean), _ptr(invstd), _ptr(gamma), n, c, h, w,
+                                      _ptr(grad_z), _ptr(grad_gamma), _ptr(grad_beta), _threads())
+    else:
+        code = lib.bnrp_backward(_ptr(grad_out), _ptr(z), _ptr(out), _ptr(pooled), _ptr(idx), _ptr(mean),
+                                 _ptr(invstd), _ptr(gamma), n, c, h, w, _ptr(grad_z), _ptr(grad_gamma),
+                                 _ptr(grad_beta), _threads())
+    _check(code)
     return grad_z, grad_gamma, grad_beta

@@ -1,6 +1,7 @@
-/* Conv-4's BatchNorm (batch statistics) -> ReLU -> 2x2 max-pool, forward and backward, for
-   float32 NCHW tensors on the CPU: the native kernels of fastadapt.models.fused (built and loaded by
-   fastadapt.models.native, which checks shapes, dtypes and contiguity before calling).
+/* Conv-4's BatchNorm (batch statistics) -> ReLU -> 2x2 max-pool, forward and backward, on the
+   CPU, for float32 NCHW tensors (bnrp_forward, bnrp_backward) and float32 or bfloat16 channels-last
+   ones (the _nhwc functions at the end): the native kernels of fastadapt.models.fused (built and
+   loaded by fastadapt.models.native, which checks shapes, dtypes and contiguity before calling).
 
    PyTorch's operations read and write the full-resolution activations several times per pass;
    these kernels read them once in the forward pass after the statistics (one pass each for the
@@ -224,4 +225,266 @@ int bnrp_backward(const float *grad_out, const float *z, const float *out, const
     }
     free(cst);
     return 0;
+}
+
+/* ---- channels-last (NHWC) tensors, float32 or bfloat16 ----------------------------------------
+
+   The same block for tensors stored pixel by pixel with the channels innermost (PyTorch's
+   channels_last), whose elements are float32 or, under bf16 autocast, bfloat16 (z, out, grad_out
+   and grad_z in that type; the statistics, pooled values and all arithmetic in float32). The
+   semantics are those above; the work runs along image rows, each converted to float32 in a small
+   per-thread buffer where the tensor holds bfloat16, so every inner loop runs over the channels
+   of a pixel, contiguous in memory. */
+
+static inline float bf16_to_float(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+/* round to nearest even, NaN to a quiet NaN: as PyTorch converts */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint16_t rounded = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    return (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0 : rounded;
+}
+
+/* k elements of src from element offset off as float32: src itself for float32, else converted
+   into buf */
+static const float *load_row(const void *src, int bf16, int64_t off, int64_t k, float *buf) {
+    if (!bf16) return (const float *)src + off;
+    const uint16_t *restrict s = (const uint16_t *)src + off;
+#pragma omp simd
+    for (int64_t i = 0; i < k; i++) buf[i] = bf16_to_float(s[i]);
+    return buf;
+}
+/* where k float32 values for dst at element offset off are to be written: dst itself for float32,
+   else buf (then store_row converts them) */
+static float *row_target(void *dst, int bf16, int64_t off, float *buf) { return bf16 ? buf : (float *)dst + off; }
+static void store_row(void *dst, int bf16, int64_t off, int64_t k, const float *buf) {
+    if (!bf16) return;
+    uint16_t *restrict d = (uint16_t *)dst + off;
+#pragma omp simd
+    for (int64_t i = 0; i < k; i++) d[i] = float_to_bf16(buf[i]);
+}
+
+/* Per channel, over rows of `len` pixels of c channels each: the sums of (v - shift) and its
+   square (forward: v = z, weight NULL), or of g and g * weight with g = v where mask > 0
+   (backward: v = grad_out, mask = out, weight = pooled, float32). Float sums of at most BLOCK
+   pixels, added up in double; per-thread partial sums added in thread order. 0, or -1 when out
+   of memory. */
+static int nhwc_sums(const void *v, const void *mask, int bf16, int64_t rows, int64_t len, int64_t c,
+                     const float *shift, const float *weight, double *s1, double *s2, int threads) {
+    if (threads < 1) threads = 1;
+    const int64_t chunk = len < BLOCK ? len : BLOCK;
+    double *parts = calloc((size_t)threads * 2 * c, sizeof(double));
+    if (!parts) return -1;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        double *d1 = parts + (size_t)omp_get_thread_num() * 2 * c, *d2 = d1 + c;
+        float *acc = malloc(sizeof(float) * 2 * c), *vb = malloc(sizeof(float) * chunk * c),
+              *mb = malloc(sizeof(float) * chunk * c);
+        if (!acc || !vb || !mb) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            if (!acc || !vb || !mb) continue;
+            for (int64_t p0 = 0; p0 < len; p0 += chunk) {
+                const int64_t np = p0 + chunk < len ? chunk : len - p0, off = (r * len + p0) * c;
+                float *restrict a1 = acc, *restrict a2 = acc + c;
+                memset(acc, 0, sizeof(float) * 2 * c);
+                const float *restrict x = load_row(v, bf16, off, np * c, vb);
+                if (weight) {
+                    const float *restrict mk = load_row(mask, bf16, off, np * c, mb), *restrict wt = weight + off;
+                    for (int64_t p = 0; p < np; p++)
+#pragma omp simd
+                        for (int64_t ch = 0; ch < c; ch++) {
+                            const float g = mk[p * c + ch] > 0.f ? x[p * c + ch] : 0.f;
+                            a1[ch] += g;
+                            a2[ch] += g * wt[p * c + ch];
+                        }
+                } else {
+                    for (int64_t p = 0; p < np; p++)
+#pragma omp simd
+                        for (int64_t ch = 0; ch < c; ch++) {
+                            const float d = x[p * c + ch] - shift[ch];
+                            a1[ch] += d;
+                            a2[ch] += d * d;
+                        }
+                }
+                for (int64_t ch = 0; ch < c; ch++) {
+                    d1[ch] += a1[ch];
+                    d2[ch] += a2[ch];
+                }
+            }
+        }
+        free(acc);
+        free(vb);
+        free(mb);
+    }
+    if (!failed) {
+        memset(s1, 0, sizeof(double) * c);
+        memset(s2, 0, sizeof(double) * c);
+        for (int t = 0; t < threads; t++)
+            for (int64_t ch = 0; ch < c; ch++) {
+                s1[ch] += parts[(size_t)t * 2 * c + ch];
+                s2[ch] += parts[(size_t)t * 2 * c + c + ch];
+            }
+    }
+    free(parts);
+    return failed ? -1 : 0;
+}
+
+int bnrp_forward_nhwc(const void *z, int bf16, const float *gamma, const float *beta, float eps, int64_t n, int64_t c,
+                      int64_t h, int64_t w, void *out, float *pooled, uint8_t *idx, float *mean_out, float *var_out,
+                      float *invstd_out, int threads) {
+    const int64_t h2 = h / 2, w2 = w / 2;
+    const double count = (double)(n * h * w);
+    double *s = malloc(2 * c * sizeof(double));
+    float *cst = malloc(4 * c * sizeof(float)); /* shift, then per channel: sign, a, b */
+    if (!s || !cst) { free(s); free(cst); return -1; }
+    /* the shift: each channel's mean over the first image */
+    if (nhwc_sums(z, NULL, bf16, 1, h * w, c, (memset(cst, 0, sizeof(float) * c), cst), NULL, s, s + c, 1)) {
+        free(s); free(cst); return -1;
+    }
+    for (int64_t ch = 0; ch < c; ch++) cst[ch] = (float)(s[ch] / (double)(h * w));
+    if (nhwc_sums(z, NULL, bf16, n * h, w, c, cst, NULL, s, s + c, threads)) { free(s); free(cst); return -1; }
+    float *sign = cst + c, *a = cst + 2 * c, *b = cst + 3 * c;
+    for (int64_t ch = 0; ch < c; ch++) {
+        const double d = s[ch] / count;
+        double var = s[c + ch] / count - d * d;
+        if (var < 0) var = 0;
+        mean_out[ch] = (float)(cst[ch] + d);
+        var_out[ch] = (float)var;
+        invstd_out[ch] = (float)(1.0 / sqrt(var + eps));
+        a[ch] = gamma[ch] * invstd_out[ch];
+        b[ch] = beta[ch];
+        sign[ch] = a[ch] < 0.f ? -1.f : 1.f; /* the affine map decreases: pool the minimum */
+    }
+    free(s);
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *buf = malloc(sizeof(float) * (2 * w + w2) * c);
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n * h2; r++) {
+            if (!buf) continue;
+            const int64_t i = r / h2, y = r % h2, in_off = (i * h + 2 * y) * w * c, out_off = r * w2 * c;
+            const float *restrict r0 = load_row(z, bf16, in_off, w * c, buf);
+            const float *restrict r1 = load_row(z, bf16, in_off + w * c, w * c, buf + w * c);
+            float *restrict o = row_target(out, bf16, out_off, buf + 2 * w * c);
+            float *restrict pl = pooled + out_off;
+            uint8_t *restrict ix = idx + out_off;
+            for (int64_t x = 0; x < w2; x++) {
+                const float *restrict p00 = r0 + 2 * x * c, *restrict p01 = p00 + c;
+                const float *restrict p10 = r1 + 2 * x * c, *restrict p11 = p10 + c;
+                const int64_t q = x * c;
+#pragma omp simd
+                for (int64_t ch = 0; ch < c; ch++) {
+                    const float sg = sign[ch];
+                    const float l0 = sg * p00[ch], t0r = sg * p01[ch], l1 = sg * p10[ch], t1r = sg * p11[ch];
+                    const int f0 = gt(t0r, l0), f1 = gt(t1r, l1);
+                    const float t0 = pick(f0, t0r, l0), t1 = pick(f1, t1r, l1);
+                    const int v = gt(t1, t0);
+                    const float centred = sg * pick(v, t1, t0) - mean_out[ch];
+                    const float y_ = a[ch] * centred + b[ch];
+                    pl[q + ch] = centred;
+                    o[q + ch] = pick(y_ < 0.f, 0.f, y_);
+                    ix[q + ch] = (uint8_t)(2 * v + f0 + v * (f1 - f0));
+                }
+            }
+            store_row(out, bf16, out_off, w2 * c, o);
+        }
+        free(buf);
+    }
+    free(cst);
+    return failed ? -1 : 0;
+}
+
+int bnrp_backward_nhwc(const void *grad_out, const void *z, const void *out, int bf16, const float *pooled,
+                       const uint8_t *idx, const float *mean, const float *invstd, const float *gamma, int64_t n,
+                       int64_t c, int64_t h, int64_t w, void *grad_z, float *grad_gamma, float *grad_beta,
+                       int threads) {
+    const int64_t h2 = h / 2, w2 = w / 2;
+    const double count = (double)(n * h * w);
+    double *s = malloc(2 * c * sizeof(double));
+    float *cst = malloc(4 * c * sizeof(float)); /* per channel: k0, k1, a, mean */
+    if (!s || !cst) { free(s); free(cst); return -1; }
+    if (nhwc_sums(grad_out, out, bf16, n * h2, w2, c, NULL, pooled, s, s + c, threads)) { free(s); free(cst); return -1; }
+    float *k0 = cst, *k1 = cst + c, *a = cst + 2 * c, *m = cst + 3 * c;
+    for (int64_t ch = 0; ch < c; ch++) {
+        const double is = invstd[ch], aa = gamma[ch] * is, gg = s[c + ch] * is;
+        grad_beta[ch] = (float)s[ch];
+        grad_gamma[ch] = (float)gg;
+        k0[ch] = (float)(-aa * s[ch] / count);
+        k1[ch] = (float)(-aa * is * gg / count);
+        a[ch] = (float)aa;
+        m[ch] = mean[ch];
+    }
+    free(s);
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        /* the pooled gradient and output rows, two input rows and their two gradient rows */
+        float *buf = malloc(sizeof(float) * (2 * w2 + 4 * w) * c);
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n * h2; r++) {
+            if (!buf) continue;
+            const int64_t i = r / h2, y = r % h2, in_off = (i * h + 2 * y) * w * c, q_off = r * w2 * c;
+            const float *restrict go = load_row(grad_out, bf16, q_off, w2 * c, buf);
+            const float *restrict oy = load_row(out, bf16, q_off, w2 * c, buf + w2 * c);
+            float *restrict rowbuf = buf + 2 * w2 * c;
+            /* the input rows of this window row, and a last odd row of the image with them */
+            const int64_t nrows = (y == h2 - 1 && h % 2) ? 3 : 2;
+            for (int64_t j = 0; j < nrows; j += 2) {
+                const int64_t k = nrows - j < 2 ? 1 : 2; /* rows handled in this pass */
+                const int64_t off = in_off + j * w * c;
+                const float *restrict p0 = load_row(z, bf16, off, w * c, rowbuf);
+                const float *restrict p1 = k == 2 ? load_row(z, bf16, off + w * c, w * c, rowbuf + w * c) : p0;
+                float *restrict g0 = row_target(grad_z, bf16, off, rowbuf + 2 * w * c);
+                float *restrict g1 = row_target(grad_z, bf16, off + w * c, rowbuf + 3 * w * c);
+                /* the batch-norm terms everywhere */
+                for (int64_t x = 0; x < w; x++)
+#pragma omp simd
+                    for (int64_t ch = 0; ch < c; ch++) {
+                        g0[x * c + ch] = k0[ch] + k1[ch] * (p0[x * c + ch] - m[ch]);
+                        if (k == 2) g1[x * c + ch] = k0[ch] + k1[ch] * (p1[x * c + ch] - m[ch]);
+                    }
+                /* plus the pooled gradient at each window's maximum (where the ReLU let it
+                   through); the windows lie in the first pass's two rows only */
+                if (j == 0)
+                    for (int64_t x = 0; x < w2; x++) {
+                        const uint8_t *restrict ix = idx + q_off + x * c;
+                        float *restrict a0 = g0 + 2 * x * c, *restrict a1 = a0 + c;
+                        float *restrict b0 = g1 + 2 * x * c, *restrict b1 = b0 + c;
+#pragma omp simd
+                        for (int64_t ch = 0; ch < c; ch++) {
+                            const float val = pick(oy[x * c + ch] > 0.f, a[ch] * go[x * c + ch], 0.f);
+                            const int kk = ix[ch];
+                            a0[ch] += pick(kk == 0, val, 0.f);
+                            a1[ch] += pick(kk == 1, val, 0.f);
+                            b0[ch] += pick(kk == 2, val, 0.f);
+                            b1[ch] += pick(kk == 3, val, 0.f);
+                        }
+                    }
+                store_row(grad_z, bf16, off, w * c, g0);
+                if (k == 2) store_row(grad_z, bf16, off + w * c, w * c, g1);
+            }
+        }
+        free(buf);
+    }
+    free(cst);
+    return failed ? -1 : 0;
 }
