@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -70,13 +71,14 @@ def _is_layout(t, layout):
 
 
 @needs_kernels
-@pytest.mark.parametrize("shape", [(6, 5, 8, 8), (4, 6, 7, 9), (2, 3, 2, 3), (3, 4, 5, 2), (5, 64, 28, 28)])
+@pytest.mark.parametrize("shape", [(6, 5, 8, 8), (4, 6, 7, 9), (2, 3, 2, 3), (3, 4, 5, 2), (2, 4, 3, 7), (3, 1, 5, 5),
+                                   (5, 64, 28, 28), (2, 3, 4, 1500)])
 @pytest.mark.parametrize("grid", [True, False])
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_native_block_equals_the_three_layers_with_their_gradients(shape, grid, layout):
     z, gamma, beta, grad_out = _inputs(shape, grid=grid)
     z = _layout(z, layout)
-    assert native.layout(z) == layout
+    assert native.layout(z) == layout or shape[1] == 1  # one channel: both layouts; float32 takes NCHW's kernels
     got, ran = _block(z, gamma, beta, grad_out)
     assert ran == "_NativeKernels"
     names = ("out", "mean", "var", "grad_z", "grad_gamma", "grad_beta")
@@ -89,7 +91,8 @@ def test_native_block_equals_the_three_layers_with_their_gradients(shape, grid, 
 
 
 @needs_kernels
-@pytest.mark.parametrize("shape", [(6, 5, 8, 8), (3, 7, 9, 11), (2, 3, 2, 3), (5, 64, 28, 28)])
+@pytest.mark.parametrize("shape", [(6, 5, 8, 8), (3, 7, 9, 11), (2, 3, 2, 3), (3, 1, 5, 5), (2, 4, 3, 1500),
+                                   (5, 64, 28, 28)])
 def test_bfloat16_block_is_the_float32_block_rounded(shape):
     # bfloat16 values are float32 values: read as such, the bfloat16 kernels must do exactly the
     # float32 arithmetic, rounding only what they write in bfloat16 (the output, the input's
@@ -100,7 +103,8 @@ def test_bfloat16_block_is_the_float32_block_rounded(shape):
     assert ran == "_NativeKernels" and native.layout(z) == "nhwc"
     full, _ = _block(z.float(), gamma, beta, grad_out.float())
     names = ("out", "mean", "var", "grad_z", "grad_gamma", "grad_beta")
-    for name, a, b in zip(names, half, full):
+    # (one channel: float32 runs NCHW's kernels, which sum in another order; the check below stays)
+    for name, a, b in zip(names, half, full) if shape[1] > 1 else ():
         if name in ("out", "grad_z"):
             assert a.dtype == torch.bfloat16 and _is_layout(a, "nhwc"), name
             b = b.bfloat16()
@@ -292,3 +296,87 @@ def test_protonet_under_bf16_autocast_runs_every_block_natively_in_channels_last
     # (both about 0.2 here: bfloat16 products on random images; tests/test_precision.py's bound is 0.3)
     assert 0 < rel["native"] < 0.3 and rel["native"] < 1.25 * rel["layers"], rel
     assert float((grads["native"] - grads["layers"]).norm() / grads["layers"].norm()) < 0.3
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_results_do_not_depend_on_the_default_dtype_or_on_timing(layout):
+    z, gamma, beta, grad_out = _inputs((6, 8, 10, 10), grid=False)
+    z = _layout(z, layout)
+    first, ran = _block(z, gamma, beta, grad_out)
+    assert ran == "_NativeKernels"
+    for _ in range(3):  # per-thread partial sums are added in a fixed order
+        again, _ = _block(z, gamma, beta, grad_out)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the kernels' buffers are float32 whatever the default
+    try:
+        got, _ = _block(z, gamma, beta, grad_out)
+    finally:
+        torch.set_default_dtype(default)
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, first))
+
+
+@needs_kernels
+@pytest.mark.parametrize("hook", ["to channels-last", "to NCHW", "to bfloat16"])
+def test_saved_tensors_handed_back_in_another_layout_or_dtype(hook):
+    # Memory-saving hooks may store activations differently; the backward kernels take what comes.
+    z, gamma, beta, grad_out = _inputs((4, 6, 7, 8), grid=False)
+    if hook == "to NCHW":
+        z = _layout(z, "nhwc")
+
+    def pack(t):
+        if t.dim() != 4:
+            return t
+        if hook == "to bfloat16":
+            return t.bfloat16() if t.dtype == torch.float32 else t
+        return t.contiguous(memory_format=torch.channels_last if hook == "to channels-last" else torch.contiguous_format)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        got, ran = _block(z, gamma, beta, grad_out)
+    assert ran == "_NativeKernels" and got[3].dtype == torch.float32
+    tol = 2e-2 if hook == "to bfloat16" else 2e-5  # (bfloat16 keeps 8 bits of the saved values)
+    for name, a, b in zip(("out", "mean", "var", "grad_z", "grad_gamma", "grad_beta"), got,
+                          _reference(z, gamma, beta, grad_out)):
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=tol * (float(b.abs().max()) + 1e-3), msg=name)
+
+
+@needs_kernels
+def test_a_tensor_the_kernels_do_not_take_is_refused():
+    z, gamma, beta, _ = _inputs((2, 3, 4, 4))
+    with pytest.raises(ValueError, match="float32 NCHW or float32/bfloat16 channels-last"):
+        native.forward(z.bfloat16(), gamma, beta, 1e-5)
+
+
+@needs_kernels
+def test_running_statistics_through_the_channels_last_kernels_are_batchnorm2d_ones():
+    z, gamma, beta, _ = _inputs((8, 4, 6, 6), grid=False)
+    ref = torch.nn.BatchNorm2d(4)
+    with torch.no_grad():
+        ref.weight.copy_(gamma)
+        ref.bias.copy_(beta)
+    ours = copy.deepcopy(ref)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        x = _layout(z, "nhwc").to(dtype)
+        for _ in range(3):
+            expected = F.max_pool2d(F.relu(ref(x.float())), 2)
+            with fused.fused_blocks():
+                assert fused.can_fuse(x, ours, torch.nn.ReLU(), torch.nn.MaxPool2d(2))
+                got = fused.bn_relu_pool(x, ours)
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol)
+        # the statistics of the bfloat16 values themselves, in float32
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(ours, name), getattr(ref, name), rtol=1e-5, atol=1e-6)
+
+
+@needs_kernels
+def test_a_zero_weight_in_bfloat16_runs_the_layers_with_float32_statistics():
+    z, gamma, beta, grad_out = _inputs((3, 4, 6, 6), grid=False)
+    gamma[1] = 0.0
+    z = _layout(z, "nhwc").bfloat16()
+    (out, mean, var, *grads), ran = _block(z, gamma, beta, _layout(grad_out, "nhwc").bfloat16())
+    assert ran is None and out.dtype == torch.bfloat16 and mean.dtype == var.dtype == torch.float32
+    ref = _reference(z.float(), gamma, beta, grad_out.bfloat16().float())
+    for a, b in zip((out, mean, var, *grads), ref):
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=2e-2 * (float(b.abs().max()) + 1e-3))

@@ -137,7 +137,8 @@ def affine_relu_pool(z: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tupl
     if bool((gamma == 0).any()):
         # Every element of a window ties after the affine map: max_pool2d's rule (the first one)
         # decides which one the weight's gradient sees, so the layers run as they are.
-        var, mean = torch.var_mean(z.detach(), (0, 2, 3), correction=0)
+        var, mean = torch.var_mean(z.detach().float() if z.dtype == torch.bfloat16 else z.detach(), (0, 2, 3),
+                                   correction=0)
         out = F.max_pool2d(F.relu(F.batch_norm(z, None, None, gamma, beta, True, 0.0, eps)), 2)
         return out, mean, var
     if native.usable(z):

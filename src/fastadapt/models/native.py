@@ -197,6 +197,11 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, fmt: torch.memory_format = torch.contiguous_format) -> Tensor:
+    # dtype and device spelled out: the process's defaults (torch.set_default_dtype/_device) may differ
+    return torch.empty(shape, dtype=dtype, device="cpu", memory_format=fmt)
+
+
 def _ptr(t: Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
@@ -214,15 +219,19 @@ def forward(z: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor,
     if gamma.numel() != c or beta.numel() != c:
         raise ValueError(f"the fused block needs one weight and one bias per channel ({c}), got "
                          f"{gamma.numel()} and {beta.numel()}")
+    kind = layout(z)
+    if kind is None:
+        raise ValueError(f"the native fused block takes float32 NCHW or float32/bfloat16 channels-last CPU "
+                         f"tensors, got {z.dtype} of strides {z.stride()} on {z.device}")
     gamma = gamma.detach().float().contiguous()
     beta = beta.detach().float().contiguous()
-    fmt = torch.channels_last if layout(z) == "nhwc" else torch.contiguous_format
-    out = torch.empty((n, c, h // 2, w // 2), dtype=z.dtype, memory_format=fmt)
-    pooled = torch.empty(out.shape, dtype=torch.float32, memory_format=fmt)
-    idx = torch.empty(out.shape, dtype=torch.uint8, memory_format=fmt)
-    mean, var, invstd = (torch.empty(c) for _ in range(3))
+    fmt = torch.channels_last if kind == "nhwc" else torch.contiguous_format
+    out = _empty((n, c, h // 2, w // 2), z.dtype, fmt)
+    pooled = _empty(out.shape, torch.float32, fmt)
+    idx = _empty(out.shape, torch.uint8, fmt)
+    mean, var, invstd = (_empty((c,), torch.float32) for _ in range(3))
     lib = library()
-    if fmt is torch.channels_last:
+    if kind == "nhwc":
         code = lib.bnrp_forward_nhwc(_ptr(z), int(z.dtype == torch.bfloat16), _ptr(gamma), _ptr(beta), eps, n, c,
                                      h, w, _ptr(out), _ptr(pooled), _ptr(idx), _ptr(mean), _ptr(var), _ptr(invstd),
                                      _threads())
@@ -238,13 +247,17 @@ def backward(grad_out: Tensor, z: Tensor, out: Tensor, pooled: Tensor, idx: Tens
     """The gradients of ``z`` (in its dtype and layout), ``gamma`` and ``beta`` (float32) given the
     output's gradient ``grad_out``."""
     n, c, h, w = z.shape
-    nhwc = layout(z) != "nchw"  # (a hook on saved tensors may hand them back in another layout)
+    # A hook on saved tensors may hand them back in another layout or dtype: all are brought to
+    # what one kernel takes (z's dtype where that is bfloat16, else float32).
+    dtype = z.dtype if z.dtype == torch.bfloat16 else torch.float32
+    nhwc = dtype == torch.bfloat16 or not z.is_contiguous()  # as layout() decides for float32
     fmt = torch.channels_last if nhwc else torch.contiguous_format
-    grad_out, z, out = (t.detach().to(z.dtype).contiguous(memory_format=fmt) for t in (grad_out, z, out))
-    pooled, idx = (t.detach().contiguous(memory_format=fmt) for t in (pooled, idx))
+    grad_out, z, out = (t.detach().to(dtype).contiguous(memory_format=fmt) for t in (grad_out, z, out))
+    pooled = pooled.detach().float().contiguous(memory_format=fmt)
+    idx = idx.detach().to(torch.uint8).contiguous(memory_format=fmt)
     mean, invstd, gamma = (t.detach().float().contiguous() for t in (mean, invstd, gamma))
-    grad_z = torch.empty_like(z, memory_format=fmt)
-    grad_gamma, grad_beta = torch.empty(c), torch.empty(c)
+    grad_z = _empty(z.shape, dtype, fmt)
+    grad_gamma, grad_beta = _empty((c,), torch.float32), _empty((c,), torch.float32)
     lib = library()
     if nhwc:
         code = lib.bnrp_backward_nhwc(_ptr(grad_out), _ptr(z), _ptr(out), int(z.dtype == torch.bfloat16),

@@ -47,19 +47,19 @@ static int omp_get_thread_num(void) { return 0; }
 #define BLOCK 1024
 
 /* Per channel: the sums of (v - shift) and of its square over all planes (forward), or of g and
-   g * weight with g = v where mask > 0 (backward, when weight is given). Each thread adds its
-   planes into its own row of partial sums and the rows are added in thread order afterwards, so
-   the result does not depend on timing. Returns 0, or -1 when out of memory. */
+   g * weight with g = v where mask > 0 (backward, when weight is given). The planes are split
+   into `threads` fixed runs, each summed into its own row of partial sums, and the rows are added
+   in order afterwards: the result depends on `threads` only, not on timing or on how many
+   threads OpenMP actually runs. Returns 0, or -1 when out of memory. */
 static int channel_sums(const float *v, int64_t n, int64_t c, int64_t plane, const float *shift, const float *weight,
                         const float *mask, double *s1, double *s2, int threads) {
     if (threads < 1) threads = 1;
     double *parts = calloc((size_t)threads * 2 * c, sizeof(double));
     if (!parts) return -1;
-#pragma omp parallel num_threads(threads)
-    {
-        double *a1 = parts + (size_t)omp_get_thread_num() * 2 * c;
-#pragma omp for schedule(static)
-        for (int64_t pi = 0; pi < n * c; pi++) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int t = 0; t < threads; t++) {
+        double *a1 = parts + (size_t)t * 2 * c;
+        for (int64_t pi = n * c * t / threads; pi < n * c * (t + 1) / threads; pi++) {
             const int64_t ch = pi % c;
             const float *p = v + pi * plane;
             for (int64_t k0 = 0; k0 < plane; k0 += BLOCK) {
@@ -232,9 +232,17 @@ int bnrp_backward(const float *grad_out, const float *z, const float *out, const
    The same block for tensors stored pixel by pixel with the channels innermost (PyTorch's
    channels_last), whose elements are float32 or, under bf16 autocast, bfloat16 (z, out, grad_out
    and grad_z in that type; the statistics, pooled values and all arithmetic in float32). The
-   semantics are those above; the work runs along image rows, each converted to float32 in a small
-   per-thread buffer where the tensor holds bfloat16, so every inner loop runs over the channels
-   of a pixel, contiguous in memory. */
+   semantics are those above. Every inner loop runs over the channels of a pixel, contiguous in
+   memory. The work inside each parallel loop is an always-inlined function of a constant BF16
+   (0 or 1), called once with each inside the loop (OpenMP outlines a parallel region before
+   inlining, so the constant must reach the code there): each kind of tensor gets its own vector
+   loops, loading and storing its elements in their type. */
+
+#if defined(__GNUC__) || defined(__clang__)
+#define INLINE static inline __attribute__((always_inline))
+#else
+#define INLINE static inline
+#endif
 
 static inline float bf16_to_float(uint16_t b) {
     uint32_t u = (uint32_t)b << 16;
@@ -250,81 +258,73 @@ static inline uint16_t float_to_bf16(float f) {
     return (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0 : rounded;
 }
 
-/* k elements of src from element offset off as float32: src itself for float32, else converted
-   into buf */
-static const float *load_row(const void *src, int bf16, int64_t off, int64_t k, float *buf) {
-    if (!bf16) return (const float *)src + off;
-    const uint16_t *restrict s = (const uint16_t *)src + off;
+/* An array that holds float32 (BF16 == 0) or bfloat16 (BF16 == 1): TYPED declares a typed view of
+   each kind (NAME_f, NAME_b), LD reads element i as float32, ST writes v to it. */
+#define TYPED(CONST, NAME, PTR) CONST float *restrict NAME##_f = (CONST float *)(PTR); \
+    CONST uint16_t *restrict NAME##_b = (CONST uint16_t *)(PTR)
+#define LD(NAME, i) (BF16 ? bf16_to_float(NAME##_b[i]) : NAME##_f[i])
+#define ST(NAME, i, v) do { if (BF16) NAME##_b[i] = float_to_bf16(v); else NAME##_f[i] = (v); } while (0)
+
+/* Pixels p0 to p1 (of c channels each) into the float sums a1, a2 per channel: of (v - shift) and
+   its square (weight NULL), or of g and g * weight with g = v where mask > 0. */
+INLINE void sum_pixels(const void *restrict v, const void *restrict mask, const float *restrict shift,
+                       const float *restrict weight, int64_t p0, int64_t p1, int64_t c, float *restrict a1,
+                       float *restrict a2, const int BF16) {
+    TYPED(const, vv, v);
+    TYPED(const, mk, mask);
+    for (int64_t px = p0; px < p1; px++) {
+        const int64_t o = px * c;
+        if (weight) {
 #pragma omp simd
-    for (int64_t i = 0; i < k; i++) buf[i] = bf16_to_float(s[i]);
-    return buf;
-}
-/* where k float32 values for dst at element offset off are to be written: dst itself for float32,
-   else buf (then store_row converts them) */
-static float *row_target(void *dst, int bf16, int64_t off, float *buf) { return bf16 ? buf : (float *)dst + off; }
-static void store_row(void *dst, int bf16, int64_t off, int64_t k, const float *buf) {
-    if (!bf16) return;
-    uint16_t *restrict d = (uint16_t *)dst + off;
+            for (int64_t ch = 0; ch < c; ch++) {
+                const float g = LD(mk, o + ch) > 0.f ? LD(vv, o + ch) : 0.f;
+                a1[ch] += g;
+                a2[ch] += g * weight[o + ch];
+            }
+        } else {
 #pragma omp simd
-    for (int64_t i = 0; i < k; i++) d[i] = float_to_bf16(buf[i]);
+            for (int64_t ch = 0; ch < c; ch++) {
+                const float d = LD(vv, o + ch) - shift[ch];
+                a1[ch] += d;
+                a2[ch] += d * d;
+            }
+        }
+    }
 }
 
-/* Per channel, over rows of `len` pixels of c channels each: the sums of (v - shift) and its
-   square (forward: v = z, weight NULL), or of g and g * weight with g = v where mask > 0
-   (backward: v = grad_out, mask = out, weight = pooled, float32). Float sums of at most BLOCK
-   pixels, added up in double; per-thread partial sums added in thread order. 0, or -1 when out
-   of memory. */
+/* Per channel, over `rows` runs of `len` pixels: the sums of sum_pixels (forward: v = z; backward:
+   v = grad_out, mask = out, weight = pooled). Float sums of at most BLOCK pixels, added up in
+   double; the rows split into `threads` fixed runs as in channel_sums. 0, or -1 when out of
+   memory. */
 static int nhwc_sums(const void *v, const void *mask, int bf16, int64_t rows, int64_t len, int64_t c,
                      const float *shift, const float *weight, double *s1, double *s2, int threads) {
     if (threads < 1) threads = 1;
-    const int64_t chunk = len < BLOCK ? len : BLOCK;
     double *parts = calloc((size_t)threads * 2 * c, sizeof(double));
     if (!parts) return -1;
     int failed = 0;
-#pragma omp parallel num_threads(threads)
-    {
-        double *d1 = parts + (size_t)omp_get_thread_num() * 2 * c, *d2 = d1 + c;
-        float *acc = malloc(sizeof(float) * 2 * c), *vb = malloc(sizeof(float) * chunk * c),
-              *mb = malloc(sizeof(float) * chunk * c);
-        if (!acc || !vb || !mb) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int t = 0; t < threads; t++) {
+        double *d1 = parts + (size_t)t * 2 * c, *d2 = d1 + c;
+        float *acc = malloc(sizeof(float) * 2 * c);
+        if (!acc) {
 #pragma omp atomic write
             failed = 1;
+            continue;
         }
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++) {
-            if (!acc || !vb || !mb) continue;
-            for (int64_t p0 = 0; p0 < len; p0 += chunk) {
-                const int64_t np = p0 + chunk < len ? chunk : len - p0, off = (r * len + p0) * c;
-                float *restrict a1 = acc, *restrict a2 = acc + c;
+        for (int64_t r = rows * t / threads; r < rows * (t + 1) / threads; r++)
+            for (int64_t p0 = r * len; p0 < (r + 1) * len; p0 += BLOCK) {
+                const int64_t p1 = p0 + BLOCK < (r + 1) * len ? p0 + BLOCK : (r + 1) * len;
                 memset(acc, 0, sizeof(float) * 2 * c);
-                const float *restrict x = load_row(v, bf16, off, np * c, vb);
-                if (weight) {
-                    const float *restrict mk = load_row(mask, bf16, off, np * c, mb), *restrict wt = weight + off;
-                    for (int64_t p = 0; p < np; p++)
-#pragma omp simd
-                        for (int64_t ch = 0; ch < c; ch++) {
-                            const float g = mk[p * c + ch] > 0.f ? x[p * c + ch] : 0.f;
-                            a1[ch] += g;
-                            a2[ch] += g * wt[p * c + ch];
-                        }
-                } else {
-                    for (int64_t p = 0; p < np; p++)
-#pragma omp simd
-                        for (int64_t ch = 0; ch < c; ch++) {
-                            const float d = x[p * c + ch] - shift[ch];
-                            a1[ch] += d;
-                            a2[ch] += d * d;
-                        }
-                }
+                if (bf16)
+                    sum_pixels(v, mask, shift, weight, p0, p1, c, acc, acc + c, 1);
+                else
+                    sum_pixels(v, mask, shift, weight, p0, p1, c, acc, acc + c, 0);
                 for (int64_t ch = 0; ch < c; ch++) {
-                    d1[ch] += a1[ch];
-                    d2[ch] += a2[ch];
+                    d1[ch] += acc[ch];
+                    d2[ch] += acc[c + ch];
                 }
             }
-        }
         free(acc);
-        free(vb);
-        free(mb);
     }
     if (!failed) {
         memset(s1, 0, sizeof(double) * c);
@@ -339,18 +339,43 @@ static int nhwc_sums(const void *v, const void *mask, int bf16, int64_t rows, in
     return failed ? -1 : 0;
 }
 
+/* Forward: the windows of row r of the output (input rows row0 and row0 + w*c elements on). */
+INLINE void pool_row(const void *restrict z, int64_t row0, int64_t r, int64_t w, int64_t w2, int64_t c,
+                     const float *restrict sign, const float *restrict mean, const float *restrict a,
+                     const float *restrict b, void *restrict out, float *restrict pooled, uint8_t *restrict idx,
+                     const int BF16) {
+    TYPED(const, zz, z);
+    TYPED(, oo, out);
+    for (int64_t x = 0; x < w2; x++) {
+        const int64_t q = (r * w2 + x) * c, e00 = row0 + 2 * x * c, e10 = e00 + w * c;
+#pragma omp simd
+        for (int64_t ch = 0; ch < c; ch++) {
+            const float sg = sign[ch];
+            const float l0 = sg * LD(zz, e00 + ch), r0 = sg * LD(zz, e00 + c + ch);
+            const float l1 = sg * LD(zz, e10 + ch), r1 = sg * LD(zz, e10 + c + ch);
+            const int f0 = gt(r0, l0), f1 = gt(r1, l1);
+            const float t0 = pick(f0, r0, l0), t1 = pick(f1, r1, l1);
+            const int v = gt(t1, t0);
+            const float centred = sg * pick(v, t1, t0) - mean[ch];
+            const float y_ = a[ch] * centred + b[ch];
+            pooled[q + ch] = centred;
+            ST(oo, q + ch, pick(y_ < 0.f, 0.f, y_));
+            idx[q + ch] = (uint8_t)(2 * v + f0 + v * (f1 - f0));
+        }
+    }
+}
+
 int bnrp_forward_nhwc(const void *z, int bf16, const float *gamma, const float *beta, float eps, int64_t n, int64_t c,
                       int64_t h, int64_t w, void *out, float *pooled, uint8_t *idx, float *mean_out, float *var_out,
                       float *invstd_out, int threads) {
     const int64_t h2 = h / 2, w2 = w / 2;
     const double count = (double)(n * h * w);
     double *s = malloc(2 * c * sizeof(double));
-    float *cst = malloc(4 * c * sizeof(float)); /* shift, then per channel: sign, a, b */
+    float *cst = malloc(4 * c * sizeof(float)); /* the shift, then per channel: sign, a, b */
     if (!s || !cst) { free(s); free(cst); return -1; }
-    /* the shift: each channel's mean over the first image */
-    if (nhwc_sums(z, NULL, bf16, 1, h * w, c, (memset(cst, 0, sizeof(float) * c), cst), NULL, s, s + c, 1)) {
-        free(s); free(cst); return -1;
-    }
+    /* the shift: each channel's mean over the first image (its sums taken with no shift) */
+    memset(cst, 0, sizeof(float) * c);
+    if (nhwc_sums(z, NULL, bf16, 1, h * w, c, cst, NULL, s, s + c, 1)) { free(s); free(cst); return -1; }
     for (int64_t ch = 0; ch < c; ch++) cst[ch] = (float)(s[ch] / (double)(h * w));
     if (nhwc_sums(z, NULL, bf16, n * h, w, c, cst, NULL, s, s + c, threads)) { free(s); free(cst); return -1; }
     float *sign = cst + c, *a = cst + 2 * c, *b = cst + 3 * c;
@@ -366,47 +391,60 @@ int bnrp_forward_nhwc(const void *z, int bf16, const float *gamma, const float *
         sign[ch] = a[ch] < 0.f ? -1.f : 1.f; /* the affine map decreases: pool the minimum */
     }
     free(s);
-    int failed = 0;
-#pragma omp parallel num_threads(threads)
-    {
-        float *buf = malloc(sizeof(float) * (2 * w + w2) * c);
-        if (!buf) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < n * h2; r++) {
-            if (!buf) continue;
-            const int64_t i = r / h2, y = r % h2, in_off = (i * h + 2 * y) * w * c, out_off = r * w2 * c;
-            const float *restrict r0 = load_row(z, bf16, in_off, w * c, buf);
-            const float *restrict r1 = load_row(z, bf16, in_off + w * c, w * c, buf + w * c);
-            float *restrict o = row_target(out, bf16, out_off, buf + 2 * w * c);
-            float *restrict pl = pooled + out_off;
-            uint8_t *restrict ix = idx + out_off;
-            for (int64_t x = 0; x < w2; x++) {
-                const float *restrict p00 = r0 + 2 * x * c, *restrict p01 = p00 + c;
-                const float *restrict p10 = r1 + 2 * x * c, *restrict p11 = p10 + c;
-                const int64_t q = x * c;
-#pragma omp simd
-                for (int64_t ch = 0; ch < c; ch++) {
-                    const float sg = sign[ch];
-                    const float l0 = sg * p00[ch], t0r = sg * p01[ch], l1 = sg * p10[ch], t1r = sg * p11[ch];
-                    const int f0 = gt(t0r, l0), f1 = gt(t1r, l1);
-                    const float t0 = pick(f0, t0r, l0), t1 = pick(f1, t1r, l1);
-                    const int v = gt(t1, t0);
-                    const float centred = sg * pick(v, t1, t0) - mean_out[ch];
-                    const float y_ = a[ch] * centred + b[ch];
-                    pl[q + ch] = centred;
-                    o[q + ch] = pick(y_ < 0.f, 0.f, y_);
-                    ix[q + ch] = (uint8_t)(2 * v + f0 + v * (f1 - f0));
-                }
-            }
-            store_row(out, bf16, out_off, w2 * c, o);
-        }
-        free(buf);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < n * h2; r++) {
+        const int64_t row0 = (r / h2 * h + 2 * (r % h2)) * w * c;
+        if (bf16)
+            pool_row(z, row0, r, w, w2, c, sign, mean_out, a, b, out, pooled, idx, 1);
+        else
+            pool_row(z, row0, r, w, w2, c, sign, mean_out, a, b, out, pooled, idx, 0);
     }
     free(cst);
-    return failed ? -1 : 0;
+    return 0;
+}
+
+/* Backward: the input gradient of the pixel at element e where it is no window's maximum */
+INLINE void bn_terms(void *restrict grad_z, const void *restrict z, int64_t e, int64_t c, const float *restrict k0,
+                     const float *restrict k1, const float *restrict m, const int BF16) {
+    TYPED(const, zz, z);
+    TYPED(, gz, grad_z);
+#pragma omp simd
+    for (int64_t ch = 0; ch < c; ch++) ST(gz, e + ch, k0[ch] + k1[ch] * (LD(zz, e + ch) - m[ch]));
+}
+
+/* Backward: the input gradient of the two rows of output row r's windows (from element row0), and
+   of a last odd row of the image after them (last_row) */
+INLINE void grad_row(const void *restrict grad_out, const void *restrict z, const void *restrict out,
+                     const uint8_t *restrict idx, int64_t row0, int64_t r, int64_t w, int64_t w2, int64_t c,
+                     int last_row, const float *restrict k0, const float *restrict k1, const float *restrict a,
+                     const float *restrict m, void *restrict grad_z, const int BF16) {
+    TYPED(const, zz, z);
+    TYPED(const, go, grad_out);
+    TYPED(const, oo, out);
+    TYPED(, gz, grad_z);
+    const int64_t row1 = row0 + w * c;
+    for (int64_t x = 0; x < w2; x++) {
+        const int64_t q = (r * w2 + x) * c, e00 = row0 + 2 * x * c, e10 = row1 + 2 * x * c;
+        /* the window's four gradients: the batch-norm terms, plus the pooled gradient at the
+           window's maximum (where the ReLU let it through) */
+#pragma omp simd
+        for (int64_t ch = 0; ch < c; ch++) {
+            const float val = pick(LD(oo, q + ch) > 0.f, a[ch] * LD(go, q + ch), 0.f);
+            const int k = idx[q + ch];
+            const float kk0 = k0[ch], kk1 = k1[ch], mm = m[ch];
+            ST(gz, e00 + ch, kk0 + kk1 * (LD(zz, e00 + ch) - mm) + pick(k == 0, val, 0.f));
+            ST(gz, e00 + c + ch, kk0 + kk1 * (LD(zz, e00 + c + ch) - mm) + pick(k == 1, val, 0.f));
+            ST(gz, e10 + ch, kk0 + kk1 * (LD(zz, e10 + ch) - mm) + pick(k == 2, val, 0.f));
+            ST(gz, e10 + c + ch, kk0 + kk1 * (LD(zz, e10 + c + ch) - mm) + pick(k == 3, val, 0.f));
+        }
+    }
+    /* pixels outside every window (a last odd column; a last odd row): the batch-norm terms only */
+    if (w % 2) {
+        bn_terms(grad_z, z, row0 + (w - 1) * c, c, k0, k1, m, BF16);
+        bn_terms(grad_z, z, row1 + (w - 1) * c, c, k0, k1, m, BF16);
+    }
+    if (last_row)
+        for (int64_t x = 0; x < w; x++) bn_terms(grad_z, z, row1 + (w + x) * c, c, k0, k1, m, BF16);
 }
 
 int bnrp_backward_nhwc(const void *grad_out, const void *z, const void *out, int bf16, const float *pooled,
@@ -430,61 +468,15 @@ int bnrp_backward_nhwc(const void *grad_out, const void *z, const void *out, int
         m[ch] = mean[ch];
     }
     free(s);
-    int failed = 0;
-#pragma omp parallel num_threads(threads)
-    {
-        /* the pooled gradient and output rows, two input rows and their two gradient rows */
-        float *buf = malloc(sizeof(float) * (2 * w2 + 4 * w) * c);
-        if (!buf) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < n * h2; r++) {
-            if (!buf) continue;
-            const int64_t i = r / h2, y = r % h2, in_off = (i * h + 2 * y) * w * c, q_off = r * w2 * c;
-            const float *restrict go = load_row(grad_out, bf16, q_off, w2 * c, buf);
-            const float *restrict oy = load_row(out, bf16, q_off, w2 * c, buf + w2 * c);
-            float *restrict rowbuf = buf + 2 * w2 * c;
-            /* the input rows of this window row, and a last odd row of the image with them */
-            const int64_t nrows = (y == h2 - 1 && h % 2) ? 3 : 2;
-            for (int64_t j = 0; j < nrows; j += 2) {
-                const int64_t k = nrows - j < 2 ? 1 : 2; /* rows handled in this pass */
-                const int64_t off = in_off + j * w * c;
-                const float *restrict p0 = load_row(z, bf16, off, w * c, rowbuf);
-                const float *restrict p1 = k == 2 ? load_row(z, bf16, off + w * c, w * c, rowbuf + w * c) : p0;
-                float *restrict g0 = row_target(grad_z, bf16, off, rowbuf + 2 * w * c);
-                float *restrict g1 = row_target(grad_z, bf16, off + w * c, rowbuf + 3 * w * c);
-                /* the batch-norm terms everywhere */
-                for (int64_t x = 0; x < w; x++)
-#pragma omp simd
-                    for (int64_t ch = 0; ch < c; ch++) {
-                        g0[x * c + ch] = k0[ch] + k1[ch] * (p0[x * c + ch] - m[ch]);
-                        if (k == 2) g1[x * c + ch] = k0[ch] + k1[ch] * (p1[x * c + ch] - m[ch]);
-                    }
-                /* plus the pooled gradient at each window's maximum (where the ReLU let it
-                   through); the windows lie in the first pass's two rows only */
-                if (j == 0)
-                    for (int64_t x = 0; x < w2; x++) {
-                        const uint8_t *restrict ix = idx + q_off + x * c;
-                        float *restrict a0 = g0 + 2 * x * c, *restrict a1 = a0 + c;
-                        float *restrict b0 = g1 + 2 * x * c, *restrict b1 = b0 + c;
-#pragma omp simd
-                        for (int64_t ch = 0; ch < c; ch++) {
-                            const float val = pick(oy[x * c + ch] > 0.f, a[ch] * go[x * c + ch], 0.f);
-                            const int kk = ix[ch];
-                            a0[ch] += pick(kk == 0, val, 0.f);
-                            a1[ch] += pick(kk == 1, val, 0.f);
-                            b0[ch] += pick(kk == 2, val, 0.f);
-                            b1[ch] += pick(kk == 3, val, 0.f);
-                        }
-                    }
-                store_row(grad_z, bf16, off, w * c, g0);
-                if (k == 2) store_row(grad_z, bf16, off + w * c, w * c, g1);
-            }
-        }
-        free(buf);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < n * h2; r++) {
+        const int64_t row0 = (r / h2 * h + 2 * (r % h2)) * w * c;
+        const int last_row = r % h2 == h2 - 1 && h % 2;
+        if (bf16)
+            grad_row(grad_out, z, out, idx, row0, r, w, w2, c, last_row, k0, k1, a, m, grad_z, 1);
+        else
+            grad_row(grad_out, z, out, idx, row0, r, w, w2, c, last_row, k0, k1, a, m, grad_z, 0);
     }
     free(cst);
-    return failed ? -1 : 0;
+    return 0;
 }
