@@ -20,7 +20,8 @@ nothing in bf16 (and stayed as they are in fp32).
 It also measures the machine's matrix-multiply ceiling in fp32 and bf16 so the speed-up can be
 read against what the hardware allows.
 
-    python benchmarks/precision.py [--reps 5] [--train-steps 300] [--threads 2]
+    python benchmarks/precision.py [--reps 5] [--train-steps 300] [--threads 2] [--methods protonet,maml]
+                                   [--name precision]
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=500)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default="protonet,maml")
+    ap.add_argument("--name", default="precision", help="the results file: benchmarks/results/NAME.json")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled setting (compiling takes minutes)")
     args = ap.parse_args()
     require_clean_tree()
@@ -149,7 +151,7 @@ def main() -> None:
         out["methods"][method] = {"setting": s, "default_layout": layout, **row}
         print(f"{method}: s/step {row['seconds_per_step']}, speed-up {row['speedup_vs_fp32']}, "
               f"grad error {row['grad_rel_error']}, after {args.train_steps} steps {trained}")
-    save("precision", out)
+    save(args.name, out)
 
 
 if __name__ == "__main__":
