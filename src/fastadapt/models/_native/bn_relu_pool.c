@@ -42,6 +42,18 @@ static inline float pick(int c, float a, float b) {
 static int omp_get_thread_num(void) { return 0; }
 #endif
 
+/* s1, s2 (c each) = the sums, in order, of the `threads` rows of partial sums in parts (2c each:
+   the first sums, then the second) */
+static void add_parts(const double *parts, int threads, int64_t c, double *s1, double *s2) {
+    memset(s1, 0, sizeof(double) * c);
+    memset(s2, 0, sizeof(double) * c);
+    for (int t = 0; t < threads; t++)
+        for (int64_t ch = 0; ch < c; ch++) {
+            s1[ch] += parts[(size_t)t * 2 * c + ch];
+            s2[ch] += parts[(size_t)t * 2 * c + c + ch];
+        }
+}
+
 /* Float sums of BLOCK consecutive values at a time (vectorised), added up in double: the error
    does not grow with the size of a plane. */
 #define BLOCK 1024
@@ -79,15 +91,23 @@ static int channel_sums(const float *v, int64_t n, int64_t c, int64_t plane, con
             }
         }
     }
-    memset(s1, 0, sizeof(double) * c);
-    memset(s2, 0, sizeof(double) * c);
-    for (int t = 0; t < threads; t++)
-        for (int64_t ch = 0; ch < c; ch++) {
-            s1[ch] += parts[(size_t)t * 2 * c + ch];
-            s2[ch] += parts[(size_t)t * 2 * c + c + ch];
-        }
+    add_parts(parts, threads, c, s1, s2);
     free(parts);
     return 0;
+}
+
+/* The batch mean, biased variance and 1 / sqrt(variance + eps) per channel from the sums s (c of
+   value - shift, then c of its square) over count values */
+static void statistics(const double *s, const float *shift, double count, float eps, int64_t c, float *mean,
+                       float *var, float *invstd) {
+    for (int64_t ch = 0; ch < c; ch++) {
+        const double d = s[ch] / count;
+        double v = s[c + ch] / count - d * d;
+        if (v < 0) v = 0;
+        mean[ch] = (float)(shift[ch] + d);
+        var[ch] = (float)v;
+        invstd[ch] = (float)(1.0 / sqrt(v + eps));
+    }
 }
 
 int bnrp_forward(const float *z, const float *gamma, const float *beta, float eps, int64_t n, int64_t c, int64_t h, int64_t w,
@@ -111,14 +131,7 @@ int bnrp_forward(const float *z, const float *gamma, const float *beta, float ep
         shift[ch] = (float)(m0 / (double)hw);
     }
     if (channel_sums(z, n, c, hw, shift, NULL, NULL, s, s + c, threads)) { free(s); free(shift); return -1; }
-    for (int64_t ch = 0; ch < c; ch++) {
-        const double d = s[ch] / count;
-        double var = s[c + ch] / count - d * d;
-        if (var < 0) var = 0;
-        mean_out[ch] = (float)(shift[ch] + d);
-        var_out[ch] = (float)var;
-        invstd_out[ch] = (float)(1.0 / sqrt(var + eps));
-    }
+    statistics(s, shift, count, eps, c, mean_out, var_out, invstd_out);
     free(s); free(shift);
     int failed = 0;
 #pragma omp parallel num_threads(threads)
@@ -326,15 +339,7 @@ static int nhwc_sums(const void *v, const void *mask, int bf16, int64_t rows, in
             }
         free(acc);
     }
-    if (!failed) {
-        memset(s1, 0, sizeof(double) * c);
-        memset(s2, 0, sizeof(double) * c);
-        for (int t = 0; t < threads; t++)
-            for (int64_t ch = 0; ch < c; ch++) {
-                s1[ch] += parts[(size_t)t * 2 * c + ch];
-                s2[ch] += parts[(size_t)t * 2 * c + c + ch];
-            }
-    }
+    if (!failed) add_parts(parts, threads, c, s1, s2);
     free(parts);
     return failed ? -1 : 0;
 }
@@ -378,14 +383,9 @@ int bnrp_forward_nhwc(const void *z, int bf16, const float *gamma, const float *
     if (nhwc_sums(z, NULL, bf16, 1, h * w, c, cst, NULL, s, s + c, 1)) { free(s); free(cst); return -1; }
     for (int64_t ch = 0; ch < c; ch++) cst[ch] = (float)(s[ch] / (double)(h * w));
     if (nhwc_sums(z, NULL, bf16, n * h, w, c, cst, NULL, s, s + c, threads)) { free(s); free(cst); return -1; }
+    statistics(s, cst, count, eps, c, mean_out, var_out, invstd_out);
     float *sign = cst + c, *a = cst + 2 * c, *b = cst + 3 * c;
     for (int64_t ch = 0; ch < c; ch++) {
-        const double d = s[ch] / count;
-        double var = s[c + ch] / count - d * d;
-        if (var < 0) var = 0;
-        mean_out[ch] = (float)(cst[ch] + d);
-        var_out[ch] = (float)var;
-        invstd_out[ch] = (float)(1.0 / sqrt(var + eps));
         a[ch] = gamma[ch] * invstd_out[ch];
         b[ch] = beta[ch];
         sign[ch] = a[ch] < 0.f ? -1.f : 1.f; /* the affine map decreases: pool the minimum */
