@@ -380,3 +380,13 @@ def test_a_zero_weight_in_bfloat16_runs_the_layers_with_float32_statistics():
     ref = _reference(z.float(), gamma, beta, grad_out.bfloat16().float())
     for a, b in zip((out, mean, var, *grads), ref):
         torch.testing.assert_close(a.double(), b, rtol=0, atol=2e-2 * (float(b.abs().max()) + 1e-3))
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 1, 4), (2, 3, 4, 1)])
+def test_sizes_without_a_window_are_refused_by_the_kernels(shape):
+    # (can_fuse leaves these to PyTorch's layers, which say what is wrong)
+    z = torch.zeros(shape)
+    for t in (z, z.contiguous(memory_format=torch.channels_last)):
+        with pytest.raises(ValueError, match="a batch and 2x2 windows"):
+            native.forward(t, torch.ones(3), torch.zeros(3), 1e-5)

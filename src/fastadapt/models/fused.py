@@ -88,14 +88,9 @@ def can_fuse(z: Tensor, bn: nn.Module, relu: nn.Module, pool: nn.Module) -> bool
         return False
     if not (z.is_contiguous() or z.is_contiguous(memory_format=torch.channels_last)):
         return False
-    # bfloat16 (what autocast's convolutions return) only in the native kernels, which compute in
-    # float32; PyTorch operations in bfloat16 would round every intermediate
-    if z.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu"):
-        if not native.usable(z):
-            return False
-    elif z.dtype not in (torch.float32, torch.float64):
-        return False
     if z.shape[0] == 0 or z.shape[-2] < 2 or z.shape[-1] < 2:  # PyTorch's layers say what is wrong
+        return False
+    if z.dtype not in (torch.float32, torch.float64, torch.bfloat16):
         return False
     if isinstance(bn, BatchStatNorm):
         ok_bn = bn.affine
@@ -112,7 +107,13 @@ def can_fuse(z: Tensor, bn: nn.Module, relu: nn.Module, pool: nn.Module) -> bool
         and not pool.ceil_mode
         and not pool.return_indices
     )
-    return ok_bn and ok_pool and type(relu) is nn.ReLU
+    if not (ok_bn and ok_pool and type(relu) is nn.ReLU):
+        return False
+    # bfloat16 (what autocast's convolutions return) only in the native kernels, which compute in
+    # float32; PyTorch operations in bfloat16 would round every intermediate
+    if z.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu"):
+        return native.usable(z)
+    return True
 
 
 def bn_relu_pool(z: Tensor, bn: nn.Module) -> Tensor:

@@ -206,6 +206,13 @@ def _ptr(t: Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
+def _loaded() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:  # turned off (FASTADAPT_NATIVE=0) between a forward pass and its backward
+        raise RuntimeError("fastadapt's native kernels were turned off while a fused block still needs them")
+    return lib
+
+
 def _check(code: int) -> None:
     if code != 0:
         raise MemoryError("fastadapt's native fused block could not allocate its scratch memory")
@@ -220,6 +227,8 @@ def forward(z: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor,
         raise ValueError(f"the fused block needs one weight and one bias per channel ({c}), got "
                          f"{gamma.numel()} and {beta.numel()}")
     kind = layout(z)
+    if n < 1 or h < 2 or w < 2:
+        raise ValueError(f"the native fused block needs a batch and 2x2 windows, got a tensor of shape {tuple(z.shape)}")
     if kind is None:
         raise ValueError(f"the native fused block takes float32 NCHW or float32/bfloat16 channels-last CPU "
                          f"tensors, got {z.dtype} of strides {z.stride()} on {z.device}")
@@ -230,7 +239,7 @@ def forward(z: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor,
     pooled = _empty(out.shape, torch.float32, fmt)
     idx = _empty(out.shape, torch.uint8, fmt)
     mean, var, invstd = (_empty((c,), torch.float32) for _ in range(3))
-    lib = library()
+    lib = _loaded()
     if kind == "nhwc":
         code = lib.bnrp_forward_nhwc(_ptr(z), int(z.dtype == torch.bfloat16), _ptr(gamma), _ptr(beta), eps, n, c,
                                      h, w, _ptr(out), _ptr(pooled), _ptr(idx), _ptr(mean), _ptr(var), _ptr(invstd),
@@ -258,7 +267,7 @@ def backward(grad_out: Tensor, z: Tensor, out: Tensor, pooled: Tensor, idx: Tens
     mean, invstd, gamma = (t.detach().float().contiguous() for t in (mean, invstd, gamma))
     grad_z = _empty(z.shape, dtype, fmt)
     grad_gamma, grad_beta = _empty((c,), torch.float32), _empty((c,), torch.float32)
-    lib = library()
+    lib = _loaded()
     if nhwc:
         code = lib.bnrp_backward_nhwc(_ptr(grad_out), _ptr(z), _ptr(out), int(z.dtype == torch.bfloat16),
                                       _ptr(pooled), _ptr(idx), _ptr(mean), _ptr(invstd), _ptr(gamma), n, c, h, w,

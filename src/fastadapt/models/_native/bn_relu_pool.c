@@ -36,11 +36,6 @@ static inline float pick(int c, float a, float b) {
     return f;
 }
 
-#ifdef _OPENMP
-#include <omp.h>
-#else
-static int omp_get_thread_num(void) { return 0; }
-#endif
 
 /* s1, s2 (c each) = the sums, in order, of the `threads` rows of partial sums in parts (2c each:
    the first sums, then the second) */
@@ -263,7 +258,8 @@ static inline float bf16_to_float(uint16_t b) {
     memcpy(&f, &u, 4);
     return f;
 }
-/* round to nearest even, NaN to a quiet NaN: as PyTorch converts */
+/* round to nearest even, NaN to a quiet NaN (as PyTorch's scalar conversion; its vectorised one
+   may keep a NaN's sign and payload: a NaN either way) */
 static inline uint16_t float_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
@@ -273,8 +269,8 @@ static inline uint16_t float_to_bf16(float f) {
 
 /* An array that holds float32 (BF16 == 0) or bfloat16 (BF16 == 1): TYPED declares a typed view of
    each kind (NAME_f, NAME_b), LD reads element i as float32, ST writes v to it. */
-#define TYPED(CONST, NAME, PTR) CONST float *restrict NAME##_f = (CONST float *)(PTR); \
-    CONST uint16_t *restrict NAME##_b = (CONST uint16_t *)(PTR)
+#define TYPED(CONST, NAME, PTR) CONST float *restrict NAME##_f = BF16 ? NULL : (CONST float *)(PTR); \
+    CONST uint16_t *restrict NAME##_b = BF16 ? (CONST uint16_t *)(PTR) : NULL
 #define LD(NAME, i) (BF16 ? bf16_to_float(NAME##_b[i]) : NAME##_f[i])
 #define ST(NAME, i, v) do { if (BF16) NAME##_b[i] = float_to_bf16(v); else NAME##_f[i] = (v); } while (0)
 
