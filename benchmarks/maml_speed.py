@@ -58,6 +58,10 @@ import torch
 import torch.nn.functional as F
 
 TUNED = {"MALLOC_MMAP_THRESHOLD_": "2147483647", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
+#: The implementations (``plain`` and fastadapt's) and the timing bounds, as :func:`implementations` builds them.
+IMPLS = ("plain", "ours-loop", "ours-loop-torch-fused", "ours-loop-unfused", "ours-grouped", "ours-grouped-torch-fused",
+         "ours-vmap")
+BOUNDS = ("ours-loop-bound", "ours-grouped-bound")
 
 
 def plain_forward(params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -132,6 +136,7 @@ def implementations(tasks: int, queries: int) -> tuple[dict, Any]:
              "ours-loop-unfused": run_ours("loop", False), "ours-grouped": run_ours("grouped"),
              "ours-grouped-torch-fused": run_ours("grouped", kernels=False), "ours-vmap": run_ours("vmap")}
     bounds = {"ours-loop-bound": run_bound("loop"), "ours-grouped-bound": run_bound("grouped")}
+    assert tuple(impls) == IMPLS and tuple(bounds) == BOUNDS
     return impls, bounds, batch, learner
 
 
@@ -239,8 +244,7 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if k not in TUNED}
     env.update(OMP_NUM_THREADS="2", PYTHONPATH=src + os.pathsep + env.get("PYTHONPATH", ""))
     memory = {}
-    for impl in ("plain", "ours-loop", "ours-loop-torch-fused", "ours-loop-unfused", "ours-grouped",
-                 "ours-grouped-torch-fused", "ours-vmap"):
+    for impl in IMPLS:
         cmd = [sys.executable, __file__, "--memory-worker", impl, "--tasks", str(args.tasks), "--queries",
                str(args.queries)]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
@@ -275,8 +279,7 @@ def main() -> None:
             settings.append(res)
     for r in settings:
         s = r["seconds_per_meta_iteration"]
-        ours = ("ours-loop", "ours-loop-torch-fused", "ours-loop-unfused", "ours-grouped", "ours-grouped-torch-fused",
-                "ours-vmap")
+        ours = IMPLS[1:]
         r["speedup_vs_plain"] = {k: s["plain"] / s[k] for k in ours}
         r["speedup_best_vs_plain"] = s["plain"] / min(s[k] for k in ours)
         # The fastest the loop could be if everything but its convolutions took no time (profiled share) ...
@@ -302,8 +305,7 @@ def plot(settings: list[dict], name: str) -> None:
     import matplotlib.pyplot as plt
 
     labels = [f"{r['threads']} thr\n{r['allocator']} malloc" for r in settings]
-    impls = ["plain", "ours-loop", "ours-loop-torch-fused", "ours-loop-unfused", "ours-grouped",
-             "ours-grouped-torch-fused", "ours-vmap", "ours-loop-bound", "ours-grouped-bound"]
+    impls = [*IMPLS, *BOUNDS]
     bound_labels = {"ours-loop-bound": "bound: loop, BatchNorm/ReLU/pool free",
                     "ours-grouped-bound": "bound: grouped, BatchNorm/ReLU/pool free"}
     fig, ax = plt.subplots(figsize=(11, 4.2))
