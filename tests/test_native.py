@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -21,6 +22,16 @@ def rebuilt():
     """Load the kernels afresh after the test (it may change how they are found)."""
     yield
     native.reset()
+
+
+@contextlib.contextmanager
+def _kernels(enabled):
+    """The native kernels turned on or off inside the block, and back on after it."""
+    native.ENABLED = enabled
+    try:
+        yield
+    finally:
+        native.ENABLED = True
 
 
 def _block(z, gamma, beta, grad_out):
@@ -154,11 +165,8 @@ def test_a_zero_weight_sends_its_gradient_to_the_first_element_as_max_pool2d(ena
     z, gamma, beta, grad_out = _inputs((3, 4, 6, 6), grid=False)
     gamma[[0, 2]] = 0.0
     beta[[0, 2]] = 1.0
-    native.ENABLED = enabled
-    try:
+    with _kernels(enabled):
         got, ran = _block(z, gamma, beta, grad_out)
-    finally:
-        native.ENABLED = True
     assert ran is None
     for a, b in zip(got, _reference(z, gamma, beta, grad_out)):
         torch.testing.assert_close(a.double(), b, rtol=0, atol=2e-5 * (float(b.abs().max()) + 1e-3))
@@ -177,11 +185,8 @@ def test_native_and_pytorch_operations_agree_in_float32(layout):
     z, gamma, beta, grad_out = _inputs((8, 16, 14, 14), grid=False)
     z = _layout(z, layout)
     ours, ran = _block(z, gamma, beta, grad_out)
-    native.ENABLED = False
-    try:
+    with _kernels(False):
         theirs, ran_off = _block(z, gamma, beta, grad_out)
-    finally:
-        native.ENABLED = True
     assert (ran, ran_off) == ("_NativeKernels", "_TorchKernels")
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -209,11 +214,8 @@ def test_other_dtypes_and_layouts_use_the_pytorch_operations():
     bn, relu, pool = torch.nn.BatchNorm2d(3), torch.nn.ReLU(), torch.nn.MaxPool2d(2)
     with fused.fused_blocks():
         assert fused.can_fuse(cl.bfloat16(), bn, relu, pool) and not fused.can_fuse(z.bfloat16(), bn, relu, pool)
-        native.ENABLED = False
-        try:  # bfloat16 without the native kernels: PyTorch's layers, not bfloat16 PyTorch operations
+        with _kernels(False):  # bfloat16 without the native kernels: PyTorch's layers, not bfloat16 PyTorch operations
             assert not fused.can_fuse(cl.bfloat16(), bn, relu, pool) and fused.can_fuse(cl, bn, relu, pool)
-        finally:
-            native.ENABLED = True
 
 
 def test_turned_off_by_the_environment(monkeypatch, rebuilt):
@@ -252,11 +254,8 @@ def test_maml_meta_gradient_with_the_native_block_matches_the_pytorch_operations
                     torch.rand(4, 9, 1, 16, 16, generator=g), torch.arange(3).repeat_interleave(3).repeat(4, 1))
     grads = []
     for enabled in (True, False):
-        native.ENABLED = enabled
-        try:
+        with _kernels(enabled):
             learner._backward(batch, batching, 0)
-        finally:
-            native.ENABLED = True
         grads.append(torch.cat([p.grad.flatten() for p in learner.model.parameters()]))
     assert len(calls) == 4 * (4 if batching == "loop" else 1)  # Conv-4's blocks in the query passes
     assert float((grads[0] - grads[1]).norm() / grads[1].norm()) < 1e-5
@@ -282,14 +281,11 @@ def test_protonet_under_bf16_autocast_runs_every_block_natively_in_channels_last
     grads = {}
     for name, enabled, dtype in (("native", True, torch.bfloat16), ("layers", False, torch.bfloat16),
                                  ("fp32", True, None)):
-        native.ENABLED = enabled
-        try:
+        with _kernels(enabled):
             learner.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
                 loss, _ = learner.meta_loss(batch)
             loss.backward()
-        finally:
-            native.ENABLED = True
         grads[name] = torch.cat([p.grad.flatten() for p in learner.parameters()])
     assert calls == [(torch.bfloat16, "nhwc")] * 4 + [(torch.float32, "nhwc")] * 4
     rel = {k: float((grads[k] - grads["fp32"]).norm() / grads["fp32"].norm()) for k in ("native", "layers")}
